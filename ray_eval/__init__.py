@@ -1,0 +1,54 @@
+"""ray_eval: evaluate RL policies on a pool of Ray actors, with TorchRL's Evaluator API.
+
+The names below are imported on first use: the pool actor imports
+``ray_eval.pool`` and must not pay for torch and TorchRL, which it never uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "Evaluator": "ray_eval.evaluator",
+    "EvalResult": "ray_eval.metrics",
+    "EpisodeData": "ray_eval.episodes",
+    "RayEvalError": "ray_eval.errors",
+    "EnvError": "ray_eval.errors",
+    "EvaluationTimeout": "ray_eval.errors",
+    "EvaluatorBusyError": "ray_eval.errors",
+    "ResourceUnavailableError": "ray_eval.errors",
+    "WeightsMismatchError": "ray_eval.errors",
+    "WorkerDiedError": "ray_eval.errors",
+    "WorkerStartupError": "ray_eval.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ray_eval' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from ray_eval.episodes import EpisodeData
+    from ray_eval.errors import (
+        EnvError,
+        EvaluationTimeout,
+        EvaluatorBusyError,
+        RayEvalError,
+        ResourceUnavailableError,
+        WeightsMismatchError,
+        WorkerDiedError,
+        WorkerStartupError,
+    )
+    from ray_eval.evaluator import Evaluator
+    from ray_eval.metrics import EvalResult

@@ -1,0 +1,88 @@
+"""Exceptions raised by ray_eval.
+
+Every failure an evaluation can meet has its own type, so a training loop can
+catch exactly what it can recover from (e.g. retry after ``EvaluationTimeout``,
+but stop on ``EnvError``).
+"""
+
+from __future__ import annotations
+
+
+class RayEvalError(RuntimeError):
+    """Base class of every error ray_eval raises about an evaluation."""
+
+
+class EvaluatorBusyError(RayEvalError):
+    """``trigger_eval``/``evaluate`` was called while an evaluation was pending
+    under ``busy_policy="error"``."""
+
+
+class EnvError(RayEvalError):
+    """The environment (or the policy) raised while an episode was running.
+
+    Carries the original exception's type name, message and formatted
+    traceback, and the seed of the episode, so the failure can be replayed
+    in-process with ``backend="local"``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exc_type: str = "",
+        exc_message: str = "",
+        remote_traceback: str = "",
+        seed: int | None = None,
+        member: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+        self.remote_traceback = remote_traceback
+        self.seed = seed
+        self.member = member
+
+    def __reduce__(self):
+        return (
+            _rebuild_env_error,
+            (
+                self.args[0],
+                self.exc_type,
+                self.exc_message,
+                self.remote_traceback,
+                self.seed,
+                self.member,
+            ),
+        )
+
+
+def _rebuild_env_error(message, exc_type, exc_message, remote_traceback, seed, member):
+    return EnvError(
+        message,
+        exc_type=exc_type,
+        exc_message=exc_message,
+        remote_traceback=remote_traceback,
+        seed=seed,
+        member=member,
+    )
+
+
+class WorkerStartupError(RayEvalError):
+    """A worker could not build its env or policy (raised at construction)."""
+
+
+class WorkerDiedError(RayEvalError):
+    """A worker process died more often than ``max_restarts`` allows."""
+
+
+class EvaluationTimeout(RayEvalError, TimeoutError):
+    """An evaluation ran longer than the evaluator's ``timeout``."""
+
+
+class ResourceUnavailableError(RayEvalError):
+    """The cluster cannot host the requested workers (e.g. GPUs on a CPU-only
+    cluster, or more CPUs than it has)."""
+
+
+class WeightsMismatchError(ValueError):
+    """Weights whose keys or shapes do not fit the policy."""

@@ -1,0 +1,143 @@
+"""Aggregation: per-episode outcomes in, a flat dict of plain scalars out.
+
+Statistics follow rliable's definitions: the interquartile mean (IQM) is the
+25%-trimmed mean, confidence intervals are percentile bootstrap intervals drawn
+with a generator seeded from the evaluation, so a result is reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from scipy import stats
+
+from ray_eval.episodes import SUCCESS_KEY, EpisodeData
+
+BOOTSTRAP_SAMPLES = 2000
+CONFIDENCE = 0.95
+
+
+def iqm(values: np.ndarray) -> float:
+    """Interquartile mean: the mean of the middle 50% (25% trimmed from each end)."""
+    return float(stats.trim_mean(values, 0.25))
+
+
+def bootstrap_ci(
+    values: np.ndarray,
+    statistic: Callable[[np.ndarray], np.ndarray],
+    rng: np.random.Generator,
+    samples: int = BOOTSTRAP_SAMPLES,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` (vectorized over axis 1)."""
+    if len(values) < 2:
+        v = float(statistic(values[None, :])[0]) if len(values) else float("nan")
+        return v, v
+    resampled = values[rng.integers(0, len(values), size=(samples, len(values)))]
+    estimates = statistic(resampled)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(estimates, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
+def _mean_rows(x: np.ndarray) -> np.ndarray:
+    return x.mean(axis=1)
+
+
+def _iqm_rows(x: np.ndarray) -> np.ndarray:
+    return stats.trim_mean(x, 0.25, axis=1)
+
+
+def episode_metrics(episodes: EpisodeData, rng: np.random.Generator) -> dict[str, float]:
+    """Reward and length statistics of a set of episodes (keys without prefix)."""
+    r = episodes.returns
+    if len(r) == 0:
+        return {"reward": float("nan"), "num_episodes": 0}
+    ci_low, ci_high = bootstrap_ci(r, _mean_rows, rng)
+    iqm_low, iqm_high = bootstrap_ci(r, _iqm_rows, rng)
+    out = {
+        "reward": float(r.mean()),
+        # Population std (ddof=0), as stable-baselines3 reports it; 0.0 for one episode.
+        "reward_std": float(r.std()),
+        "num_episodes": len(r),
+        "episode_length": float(episodes.lengths.mean()),
+        "reward_min": float(r.min()),
+        "reward_max": float(r.max()),
+        "reward_median": float(np.median(r)),
+        "reward_ci_low": ci_low,
+        "reward_ci_high": ci_high,
+        "reward_iqm": iqm(r),
+        "reward_iqm_ci_low": iqm_low,
+        "reward_iqm_ci_high": iqm_high,
+        "env_steps": int(episodes.lengths.sum()),
+    }
+    for key, values in episodes.infos.items():
+        known = values[~np.isnan(values)]
+        if len(known):
+            name = "success_rate" if key == SUCCESS_KEY else f"info/{key}"
+            out[name] = float(known.mean())
+    return out
+
+
+def aggregate(
+    episodes: EpisodeData,
+    *,
+    prefix: str,
+    step: int,
+    seconds: float,
+    worker_restarts: int,
+    seed: int,
+    metrics_fn: Callable[[EpisodeData], dict] | None = None,
+) -> dict[str, float | int]:
+    """The evaluation's flat result dict, tutorial keys first."""
+    rng = np.random.default_rng([seed, step, 0xB007])
+    stats_all = episode_metrics(episodes, rng)
+    steps = stats_all.pop("env_steps", 0)
+    head = ("reward", "reward_std", "num_episodes", "episode_length")
+    result: dict[str, float | int] = {
+        f"{prefix}/{k}": stats_all.pop(k) for k in head if k in stats_all
+    }
+    result[f"{prefix}/fps"] = steps / seconds if seconds > 0 else float("nan")
+    result[f"{prefix}/step"] = int(step)
+    result.update({f"{prefix}/{k}": v for k, v in stats_all.items()})
+    result[f"{prefix}/env_steps"] = steps
+    result[f"{prefix}/wall_time"] = seconds
+    result[f"{prefix}/worker_restarts"] = int(worker_restarts)
+    members = [m for m in dict.fromkeys(episodes.members.tolist()) if m]
+    for member in members:
+        sub = episode_metrics(episodes.select(member), rng)
+        sub.pop("env_steps", None)
+        result.update({f"{prefix}/{member}/{k}": v for k, v in sub.items()})
+    if metrics_fn is not None:
+        for key, value in metrics_fn(episodes).items():
+            result[f"{prefix}/{key}"] = _scalar(key, value)
+    return result
+
+
+def _scalar(key: str, value) -> float | int:
+    try:
+        array = np.asarray(value)
+        if array.size != 1:
+            raise ValueError
+        return array.item()
+    except (TypeError, ValueError):
+        raise TypeError(f"metrics_fn returned a non-scalar for {key!r}: {value!r}") from None
+
+
+class EvalResult(dict):
+    """The result: a flat dict of plain scalars, with the episodes behind it.
+
+    ``result.episodes`` holds per-episode returns, lengths, seeds (and frames of
+    recorded episodes); it is an attribute, not a key, so iterating the dict -
+    as the tutorial's ``on_result`` lambda does - sees only scalars.
+    """
+
+    episodes: EpisodeData | None = None
+
+    def __init__(self, metrics: dict, episodes: EpisodeData | None = None) -> None:
+        super().__init__(metrics)
+        self.episodes = episodes
+
+    def __reduce__(self):
+        return (EvalResult, (dict(self), self.episodes))

@@ -1,0 +1,88 @@
+"""Which episodes an evaluation runs, with which seeds, in which chunks.
+
+An evaluation is planned up front: episode ``i`` of the evaluation at step
+``s`` gets a seed derived only from ``(seed, s, i)``. Seeds belong to episodes,
+not to workers, so the plan - and, for a deterministic policy, every number an
+evaluation reports - does not depend on how many workers run it, on which
+worker runs which chunk, or on a chunk being run again after a worker died.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A contiguous run of planned episodes handed to one worker in one call."""
+
+    member: str  # suite member the episodes belong to ("" for a single env)
+    indices: np.ndarray  # episode indices within the evaluation (int64)
+    seeds: np.ndarray  # one reset seed per episode (int64, fits in uint32)
+    record: np.ndarray  # per episode: record video frames?
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def episode_seeds(seed: int, step: int, num_episodes: int, *, member_index: int = 0) -> np.ndarray:
+    """Reset seeds of episodes ``0..num_episodes-1`` of the evaluation at ``step``.
+
+    ``numpy.random.SeedSequence`` hashes the whole entropy tuple, so nearby
+    ``(seed, step, i)`` give unrelated seeds.
+    """
+    return np.array(
+        [
+            np.random.SeedSequence([seed, step, member_index, i]).generate_state(1)[0]
+            for i in range(num_episodes)
+        ],
+        dtype=np.int64,
+    )
+
+
+def chunk_size(num_episodes: int, num_workers: int, envs_per_worker: int) -> int:
+    """Episodes per chunk.
+
+    Every worker gets work (``ceil(n / workers)`` at most), and when there are
+    many more episodes than env slots, chunks stay small enough (about four per
+    worker) that a worker that finishes early takes the next chunk instead of
+    idling while another works through a long queue. Within a chunk a worker
+    refills each env slot as soon as its episode ends, so chunks larger than
+    ``envs_per_worker`` cost nothing.
+    """
+    per_worker = math.ceil(num_episodes / max(num_workers, 1))
+    balanced = max(envs_per_worker, math.ceil(num_episodes / (4 * max(num_workers, 1))))
+    return max(1, min(per_worker, balanced))
+
+
+def plan_chunks(
+    members: dict[str, int],
+    *,
+    seed: int,
+    step: int,
+    num_workers: int,
+    envs_per_worker: int,
+    record_episodes: int = 0,
+) -> list[Chunk]:
+    """Split every member's episodes into chunks, in episode order.
+
+    ``members`` maps a suite member's name to its number of episodes (one entry,
+    ``""``, for a plain evaluator). The first ``record_episodes`` episodes of
+    each member are marked for video recording.
+    """
+    chunks: list[Chunk] = []
+    total = sum(members.values())
+    for member_index, (member, count) in enumerate(members.items()):
+        seeds = episode_seeds(seed, step, count, member_index=member_index)
+        # Share the workers between members in proportion to their episodes.
+        workers_here = max(1, round(num_workers * count / max(total, 1)))
+        size = chunk_size(count, workers_here, envs_per_worker)
+        for start in range(0, count, size):
+            idx = np.arange(start, min(start + size, count), dtype=np.int64)
+            chunks.append(
+                Chunk(member=member, indices=idx, seeds=seeds[idx], record=idx < record_episodes)
+            )
+    return chunks

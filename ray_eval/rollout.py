@@ -1,0 +1,301 @@
+"""The episode loops. No Ray here: the same code runs in a worker actor and in-process.
+
+Both loops run a chunk of planned episodes on a fixed number of env slots:
+each slot runs one episode (reset with that episode's own seed) to its end,
+then takes the next unstarted episode of the chunk, so every planned episode is
+run to completion and counted exactly once, however long it is. Nothing favours
+short episodes (the bias of "keep the first N episodes to finish").
+
+The policy is called once per step on the whole batch of slots, idle slots
+included (they keep their last observation). Keeping the batch size fixed makes
+each episode's actions depend on its own observations only - batched matrix
+products give bit-for-bit different rows for different batch sizes - so an
+evaluation's numbers do not depend on how its episodes were grouped, i.e. on
+the number of workers. Only slots whose episode is running are stepped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from tensordict import TensorDictBase
+
+from ray_eval.episodes import SUCCESS_KEY, EpisodeBatch
+from ray_eval.errors import EnvError
+from ray_eval.planning import Chunk
+
+
+class _EpisodeLog:
+    """Accumulates what each slot's running episode scores, and finished episodes."""
+
+    def __init__(self, chunk: Chunk, info_keys: Sequence[str]) -> None:
+        n = len(chunk)
+        self.chunk = chunk
+        self.seeds = chunk.seeds.tolist()
+        self.record = chunk.record.tolist()
+        self.returns = np.zeros(n, dtype=np.float64)
+        self.lengths = np.zeros(n, dtype=np.int64)
+        self.info_keys = tuple(info_keys)
+        self.infos = {k: np.full(n, np.nan) for k in (*self.info_keys, SUCCESS_KEY)}
+        self.frames: dict[int, list] = {}
+        self.next_episode = 0
+
+    def has_next(self) -> bool:
+        return self.next_episode < len(self.seeds)
+
+    def take_next(self) -> int:
+        i = self.next_episode
+        self.next_episode += 1
+        return i
+
+    def fail(self, error: BaseException, episode: int) -> EnvError:
+        return EnvError(
+            f"{type(error).__name__} in episode {int(self.chunk.indices[episode])} "
+            f"(seed {self.seeds[episode]}"
+            + (f", suite member {self.chunk.member!r}" if self.chunk.member else "")
+            + f"): {error}",
+            exc_type=type(error).__name__,
+            exc_message=str(error),
+            remote_traceback="".join(traceback.format_exception(error)),
+            seed=self.seeds[episode],
+            member=self.chunk.member or None,
+        )
+
+    def batch(self, seconds: float) -> EpisodeBatch:
+        infos = {k: v for k, v in self.infos.items() if not np.isnan(v).all()}
+        frames = {int(self.chunk.indices[i]): np.stack(f) for i, f in self.frames.items()}
+        return EpisodeBatch(
+            member=self.chunk.member,
+            indices=self.chunk.indices,
+            seeds=self.chunk.seeds,
+            returns=self.returns,
+            lengths=self.lengths,
+            infos=infos,
+            frames=frames,
+            seconds=seconds,
+        )
+
+
+class GymnasiumRollout:
+    """Episodes on copies of a gymnasium env with a Box observation space.
+
+    The gymnasium vector envs step every copy on every call and reset finished
+    copies by themselves; here each copy must start a given episode with its
+    own seed and idle copies must not be stepped, so the loop steps the copies
+    itself (the cost of a ``SyncVectorEnv`` step without its per-copy overhead).
+    """
+
+    def __init__(
+        self,
+        make_env: Callable[[], object],
+        first_env,
+        act: Callable[[np.ndarray], Sequence],
+        *,
+        batch_size: int,
+        max_steps: int | None,
+        info_keys: Sequence[str] = (),
+    ) -> None:
+        self._make_env = make_env
+        self._envs = [first_env]
+        self._act = act
+        self.batch_size = batch_size
+        self._max_steps = max_steps or math.inf
+        self._info_keys = tuple(info_keys)
+        space = first_env.observation_space
+        self._obs = np.zeros((batch_size, *space.shape), dtype=space.dtype)
+
+    def _env_copies(self, count: int) -> list:
+        while len(self._envs) < count:
+            self._envs.append(self._make_env())
+        return self._envs
+
+    def close(self) -> None:
+        for env in self._envs:
+            env.close()
+
+    def run(self, chunk: Chunk) -> EpisodeBatch:
+        started = time.perf_counter()
+        log = _EpisodeLog(chunk, self._info_keys)
+        envs = self._env_copies(min(len(chunk), self.batch_size))
+        obs = self._obs
+        max_steps = self._max_steps
+        info_keys = self._info_keys
+        slot_episode = [-1] * self.batch_size
+        slot_return = [0.0] * self.batch_size
+        slot_length = [0] * self.batch_size
+        slot_info = [dict.fromkeys(info_keys, 0.0) for _ in range(self.batch_size)]
+
+        def start(slot: int) -> None:
+            i = log.take_next()
+            slot_episode[slot] = i
+            slot_return[slot] = 0.0
+            slot_length[slot] = 0
+            if info_keys:
+                slot_info[slot] = dict.fromkeys(info_keys, 0.0)
+            try:
+                obs[slot], _ = envs[slot].reset(seed=log.seeds[i])
+                if log.record[i]:
+                    log.frames[i] = [envs[slot].render()]
+            except Exception as error:
+                raise log.fail(error, i) from None
+
+        active = list(range(min(len(chunk), self.batch_size)))
+        for slot in active:
+            start(slot)
+        while active:
+            try:
+                actions = self._act(obs)
+            except Exception as error:
+                raise log.fail(error, slot_episode[active[0]]) from None
+            still_running = []
+            for slot in active:
+                env = envs[slot]
+                try:
+                    o, reward, terminated, truncated, info = env.step(actions[slot])
+                except Exception as error:
+                    raise log.fail(error, slot_episode[slot]) from None
+                i = slot_episode[slot]
+                # float32 like TorchRL's reward spec, so both paths sum the same numbers.
+                slot_return[slot] += float(np.float32(reward))
+                slot_length[slot] += 1
+                if info_keys:
+                    acc = slot_info[slot]
+                    for key in info_keys:
+                        if key in info:
+                            acc[key] += float(info[key])
+                if i in log.frames:
+                    log.frames[i].append(env.render())
+                if terminated or truncated or slot_length[slot] >= max_steps:
+                    log.returns[i] = slot_return[slot]
+                    log.lengths[i] = slot_length[slot]
+                    if SUCCESS_KEY in info:
+                        log.infos[SUCCESS_KEY][i] = float(info[SUCCESS_KEY])
+                    for key in info_keys:
+                        log.infos[key][i] = slot_info[slot][key] / slot_length[slot]
+                    if log.has_next():
+                        start(slot)
+                        still_running.append(slot)
+                else:
+                    obs[slot] = o
+                    still_running.append(slot)
+            active = still_running
+        return log.batch(time.perf_counter() - started)
+
+
+class TorchRLRollout:
+    """Episodes on copies of a TorchRL ``EnvBase`` (transforms and specs honoured)."""
+
+    def __init__(
+        self,
+        make_env: Callable[[], object],
+        first_env,
+        act: Callable[[TensorDictBase], torch.Tensor],
+        *,
+        batch_size: int,
+        max_steps: int | None,
+        info_keys: Sequence[str] = (),
+    ) -> None:
+        self._make_env = make_env
+        self._envs = [first_env]
+        self._act = act
+        self.batch_size = batch_size
+        self._max_steps = max_steps or math.inf
+        self._info_keys = tuple(info_keys)
+        self._observation_keys = list(first_env.observation_spec.keys(True, True))
+        self.action_key = first_env.action_key
+        self.reward_key = first_env.reward_key
+        done_keys = first_env.done_keys
+        self.done_key = "done" if "done" in done_keys else done_keys[0]
+
+    def _env_copies(self, count: int) -> list:
+        while len(self._envs) < count:
+            self._envs.append(self._make_env())
+        return self._envs
+
+    def close(self) -> None:
+        for env in self._envs:
+            if not env.is_closed:
+                env.close()
+
+    def run(self, chunk: Chunk) -> EpisodeBatch:
+        started = time.perf_counter()
+        log = _EpisodeLog(chunk, self._info_keys)
+        envs = self._env_copies(min(len(chunk), self.batch_size))
+        keys = self._observation_keys
+        max_steps = self._max_steps
+        slot_td: list[TensorDictBase | None] = [None] * self.batch_size
+        slot_episode = [-1] * self.batch_size
+        slot_return = [0.0] * self.batch_size
+        slot_length = [0] * self.batch_size
+        slot_info = [dict.fromkeys(self._info_keys, 0.0) for _ in range(self.batch_size)]
+
+        def start(slot: int) -> None:
+            i = log.take_next()
+            slot_episode[slot] = i
+            slot_return[slot] = 0.0
+            slot_length[slot] = 0
+            slot_info[slot] = dict.fromkeys(self._info_keys, 0.0)
+            try:
+                slot_td[slot] = envs[slot].reset(seed=log.seeds[i]).select(*keys)
+                if log.record[i]:
+                    log.frames[i] = [_render(envs[slot])]
+            except Exception as error:
+                raise log.fail(error, i) from None
+
+        active = list(range(min(len(chunk), self.batch_size)))
+        for slot in active:
+            start(slot)
+        while active:
+            # Idle slots repeat a running slot's observation to keep the batch size fixed.
+            filler = slot_td[active[0]]
+            batch = torch.stack([td if td is not None else filler for td in slot_td])
+            try:
+                actions = self._act(batch)
+            except Exception as error:
+                raise log.fail(error, slot_episode[active[0]]) from None
+            still_running = []
+            for slot in active:
+                i = slot_episode[slot]
+                td = slot_td[slot].clone(False).set(self.action_key, actions[slot])
+                try:
+                    stepped = envs[slot].step(td)
+                except Exception as error:
+                    raise log.fail(error, i) from None
+                nxt = stepped.get("next")
+                slot_return[slot] += float(nxt.get(self.reward_key).sum())
+                slot_length[slot] += 1
+                for key in self._info_keys:
+                    if key in nxt.keys():
+                        slot_info[slot][key] += float(nxt.get(key))
+                if i in log.frames:
+                    log.frames[i].append(_render(envs[slot]))
+                if bool(nxt.get(self.done_key).any()) or slot_length[slot] >= max_steps:
+                    log.returns[i] = slot_return[slot]
+                    log.lengths[i] = slot_length[slot]
+                    if SUCCESS_KEY in nxt.keys():
+                        log.infos[SUCCESS_KEY][i] = float(nxt.get(SUCCESS_KEY))
+                    for key in self._info_keys:
+                        log.infos[key][i] = slot_info[slot][key] / slot_length[slot]
+                    if log.has_next():
+                        start(slot)
+                        still_running.append(slot)
+                else:
+                    slot_td[slot] = nxt.select(*keys)
+                    still_running.append(slot)
+            active = still_running
+        return log.batch(time.perf_counter() - started)
+
+
+def _render(env) -> np.ndarray:
+    """An RGB frame from a TorchRL env: its gymnasium env's ``render()`` when it has one."""
+    base = env
+    while hasattr(base, "base_env"):
+        base = base.base_env
+    inner = getattr(base, "_env", None)
+    frame = inner.render() if inner is not None else env.render()
+    return np.asarray(frame)

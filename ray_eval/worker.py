@@ -1,0 +1,200 @@
+"""The evaluation worker: env copies and a policy, built once, reused for every evaluation.
+
+``EvalWorker`` is a plain class: the in-process backend uses it as it is, the
+Ray backend runs ``RemoteWorker`` as an actor. Loading weights from the object
+store is the only Ray-specific step, and it lives in the actor subclass.
+
+This module imports torch, TorchRL and the envs only when a worker is built,
+so the pool actor, which creates workers but runs no rollout, starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from ray_eval.episodes import EpisodeBatch
+from ray_eval.errors import EnvError, WorkerStartupError
+from ray_eval.planning import Chunk
+
+ParamSpec = dict[str, tuple[tuple[int, ...], str]]
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs to build itself, but the policy."""
+
+    env_factories: dict[str, Any]  # suite member -> env factory ("" for a single env)
+    policy_factory: Any = None
+    exploration_type: str = "DETERMINISTIC"  # a torchrl ExplorationType name
+    envs_per_worker: int = 64
+    max_steps: int | None = None
+    fast_path: bool = True
+    device: str | None = None  # None: the GPU Ray assigned, else the CPU
+    info_keys: tuple[str, ...] = ()
+    torch_threads: int | None = 1
+    render: bool = False  # build envs that can render frames (video)
+
+
+@dataclass
+class WorkerInfo:
+    """What a started worker reports about itself."""
+
+    pid: int
+    node_id: str
+    device: str
+    param_spec: ParamSpec
+    rollouts: dict[str, str] = field(default_factory=dict)  # member -> loop used
+
+
+class EvalWorker:
+    """Builds env copies and the policy, loads weights, runs chunks of episodes.
+
+    Construction never raises: a failure is kept and re-raised by ``describe``,
+    so a broken env factory surfaces as a clear error rather than an actor that
+    Ray keeps restarting.
+    """
+
+    def __init__(self, config: WorkerConfig, policy=None) -> None:
+        self._config = config
+        self._init_error: Exception | None = None
+        self._loaded: object = None  # identity of the weights now in the policy
+        self._targets: dict = {}
+        self.rollouts: dict = {}
+        try:
+            self._build(config, policy)
+        except Exception as error:
+            self._init_error = _startup_error(error)
+
+    def _build(self, config: WorkerConfig, policy) -> None:
+        import torch
+        from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+        from ray_eval.envs import build_env, check_action, make_rollout
+        from ray_eval.policies import build_policy, prepare_policy
+        from ray_eval.weights import module_params
+
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self._exploration = ExplorationType[config.exploration_type]
+        self._set_exploration = set_exploration_type
+        self.device = torch.device(config.device or _assigned_device())
+        self.policy = None
+        for member, factory in config.env_factories.items():
+            env = build_env(factory)
+            if self.policy is None:
+                self.policy = prepare_policy(
+                    build_policy(policy, config.policy_factory, env), self.device
+                )
+            rollout = make_rollout(
+                factory,
+                env,
+                self.policy,
+                batch_size=config.envs_per_worker,
+                max_steps=config.max_steps,
+                device=self.device,
+                fast_path=config.fast_path,
+                info_keys=config.info_keys,
+            )
+            with torch.no_grad(), set_exploration_type(self._exploration):
+                check_action(rollout, member or _env_name(factory))
+            self.rollouts[member] = rollout
+        if isinstance(self.policy, torch.nn.Module):
+            self._targets = module_params(self.policy)
+        self._initial_weights = {
+            k: v.detach().cpu().clone().numpy() for k, v in self._targets.items()
+        }
+
+    def describe(self) -> WorkerInfo:
+        if self._init_error is not None:
+            raise self._init_error
+        return WorkerInfo(
+            pid=os.getpid(),
+            node_id=_node_id(),
+            device=str(self.device),
+            param_spec={k: (tuple(v.shape), str(v.dtype)) for k, v in self._targets.items()},
+            rollouts={m: type(r).__name__ for m, r in self.rollouts.items()},
+        )
+
+    def load_weights(self, payload: dict | None, identity: object = None) -> None:
+        """Load ``payload`` (``None``: the weights the policy was built with)."""
+        from ray_eval.weights import check_payload, load_payload
+
+        if payload is None:
+            if self._loaded is None:
+                return
+            payload, identity = self._initial_weights, None
+        elif identity is not None and identity == self._loaded:
+            return  # this evaluation's weights are already in (an earlier chunk)
+        check_payload(payload, {k: (tuple(v.shape), "") for k, v in self._targets.items()})
+        load_payload(self._targets, payload)
+        self._loaded = identity
+
+    def run(self, chunk: Chunk) -> EpisodeBatch:
+        import torch
+
+        if self._init_error is not None:
+            raise self._init_error
+        with torch.no_grad(), self._set_exploration(self._exploration):
+            return self.rollouts[chunk.member].run(chunk)
+
+    def close(self) -> None:
+        for rollout in self.rollouts.values():
+            rollout.close()
+
+
+class RemoteWorker(EvalWorker):
+    """The Ray actor. Its config and policy arrive pickled, so that the pool
+    actor can pass them on without importing what they are made of."""
+
+    def __init__(self, config_blob: bytes, policy_blob: bytes | None) -> None:
+        config = pickle.loads(config_blob)
+        policy = pickle.loads(policy_blob) if policy_blob is not None else None
+        super().__init__(config, policy)
+
+    def run_chunk(self, chunk: Chunk, boxed_weights: list | None) -> EpisodeBatch:
+        # The ref arrives boxed in a list so that Ray does not fetch it for every
+        # chunk: a worker fetches and loads an evaluation's weights only once.
+        if boxed_weights is None:
+            self.load_weights(None)
+        else:
+            (ref,) = boxed_weights
+            if ref.hex() != self._loaded:
+                self.load_weights(ray.get(ref), identity=ref.hex())
+        batch = self.run(chunk)
+        batch.weights_id = self._loaded or ""
+        return batch
+
+
+def _assigned_device() -> str:
+    import torch
+
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs, so the first is cuda:0.
+    return "cuda:0" if gpus and torch.cuda.is_available() else "cpu"
+
+
+def _node_id() -> str:
+    if ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return "local"
+
+
+def _env_name(factory) -> str:
+    return str(getattr(factory, "env_id", None) or getattr(factory, "__qualname__", factory))
+
+
+def _startup_error(error: Exception) -> Exception:
+    if isinstance(error, EnvError | TypeError | ValueError):
+        error.remote_traceback = "".join(traceback.format_exception(error))
+        return error
+    wrapped = WorkerStartupError(
+        f"worker could not build its env or policy: {type(error).__name__}: {error}"
+    )
+    wrapped.remote_traceback = "".join(traceback.format_exception(error))
+    return wrapped
