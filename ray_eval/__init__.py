@@ -13,6 +13,8 @@ _EXPORTS = {
     "Evaluator": "ray_eval.evaluator",
     "EvalResult": "ray_eval.metrics",
     "EpisodeData": "ray_eval.episodes",
+    "Comparison": "ray_eval.metrics",
+    "compare_results": "ray_eval.metrics",
     "RayEvalError": "ray_eval.errors",
     "EnvError": "ray_eval.errors",
     "EvaluationTimeout": "ray_eval.errors",
@@ -51,4 +53,4 @@ if TYPE_CHECKING:
         WorkerStartupError,
     )
     from ray_eval.evaluator import Evaluator
-    from ray_eval.metrics import EvalResult
+    from ray_eval.metrics import Comparison, EvalResult, compare_results

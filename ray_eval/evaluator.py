@@ -36,6 +36,7 @@ from ray_eval.episodes import EpisodeData
 from ray_eval.errors import EvaluatorBusyError
 from ray_eval.metrics import EvalResult
 from ray_eval.pool import PLACEMENT_STRATEGIES, EvalRequest, PoolConfig
+from ray_eval.video import VIDEO_FORMATS, publish_videos
 from ray_eval.weights import WeightsLike, check_payload, to_payload
 from ray_eval.worker import WorkerConfig
 
@@ -102,6 +103,11 @@ class Evaluator:
         info_keys: scalar ``info`` keys to average per episode
             (reported as ``<prefix>/info/<key>``); ``is_success`` is always read.
         metrics_fn: ``fn(EpisodeData) -> dict`` of extra scalars.
+        record_video: record the first this-many episodes of each evaluation
+            (per suite member) as RGB frames, on ``result.episodes.frames``.
+        video_dir: write each recorded episode there as a video file
+            (``video_format`` ``"mp4"`` or ``"gif"``, at ``video_fps``).
+        video_logger: a TorchRL logger whose ``log_video`` gets the frames.
         fast_path: run a bare TorchRL ``GymEnv`` on the vectorized gymnasium
             loop (same numbers, about 10x faster).
     """
@@ -133,6 +139,11 @@ class Evaluator:
         device: str | None = None,
         info_keys: tuple[str, ...] = (),
         metrics_fn: Callable[[EpisodeData], dict] | None = None,
+        record_video: int = 0,
+        video_dir: str | os.PathLike | None = None,
+        video_format: str = "mp4",
+        video_fps: int = 30,
+        video_logger: Any = None,
         fast_path: bool = True,
     ) -> None:
         _check_int("num_trajectories", num_trajectories, minimum=1)
@@ -165,6 +176,11 @@ class Evaluator:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if num_cpus_per_worker < 0 or num_gpus_per_worker < 0:
             raise ValueError("num_cpus_per_worker and num_gpus_per_worker must be >= 0")
+        _check_int("record_video", record_video, minimum=0)
+        if video_format not in VIDEO_FORMATS:
+            raise ValueError(f"video_format must be one of {VIDEO_FORMATS}, got {video_format!r}")
+        if video_logger is not None and not callable(getattr(video_logger, "log_video", None)):
+            raise TypeError("video_logger must have a log_video(name, video, step=...) method")
         if on_result is not None and not callable(on_result):
             raise TypeError(f"on_result must be callable, got {type(on_result).__name__}")
 
@@ -175,7 +191,9 @@ class Evaluator:
         for name, member_env in members.items():
             if not isinstance(name, str) or ((len(members) > 1 or name) and not name):
                 raise ValueError(f"env: suite member names must be non-empty strings, got {name!r}")
-            factories[name] = as_env_factory(member_env)
+            factories[name] = as_env_factory(
+                member_env, render_mode="rgb_array" if record_video else None
+            )
 
         self._log_prefix = log_prefix
         self._busy_policy = busy_policy
@@ -202,6 +220,7 @@ class Evaluator:
             fast_path=fast_path,
             device=device,
             info_keys=tuple(info_keys),
+            render=record_video > 0,
             torch_threads=1 if backend == "ray" else None,
         )
         resources = {
@@ -222,7 +241,14 @@ class Evaluator:
             seed=seed,
             prefix=log_prefix,
             metrics_fn=metrics_fn,
+            record_episodes=record_video,
         )
+        self._video = {
+            "directory": video_dir,
+            "video_format": video_format,
+            "fps": video_fps,
+            "logger": video_logger,
+        }
         if backend == "ray":
             for what, obj in (
                 ("env", factories),
@@ -361,7 +387,12 @@ class Evaluator:
                     self._ready.append(item)
                 self._delivered.notify_all()
 
-    def _call_on_result(self, result: dict) -> None:
+    def _call_on_result(self, result: EvalResult) -> None:
+        if result.episodes is not None and result.episodes.frames:
+            try:
+                result.videos = publish_videos(result, prefix=self._log_prefix, **self._video)
+            except Exception:
+                log.exception("writing the evaluation's videos failed; the result is kept")
         if self._on_result is None:
             return
         try:

@@ -8,6 +8,7 @@ with a generator seeded from the evaluation, so a result is reproducible.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
@@ -134,10 +135,76 @@ class EvalResult(dict):
     """
 
     episodes: EpisodeData | None = None
+    videos: list[str]  # files written for recorded episodes (see ``record_video``)
 
     def __init__(self, metrics: dict, episodes: EpisodeData | None = None) -> None:
         super().__init__(metrics)
         self.episodes = episodes
+        self.videos = []
 
     def __reduce__(self):
-        return (EvalResult, (dict(self), self.episodes))
+        return (_rebuild_result, (dict(self), self.episodes, self.videos))
+
+
+def _rebuild_result(metrics: dict, episodes: EpisodeData | None, videos: list) -> EvalResult:
+    result = EvalResult(metrics, episodes)
+    result.videos = list(videos)
+    return result
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Is ``b``'s mean return different from ``a``'s? (see ``compare_results``)."""
+
+    difference: float  # mean(b) - mean(a)
+    ci_low: float  # bootstrap 95% interval of the difference
+    ci_high: float
+    p_value: float  # Welch's t-test, two-sided
+    significant: bool  # at level ``alpha``, by the chosen method
+    method: str
+
+    def __str__(self) -> str:
+        verdict = "significant" if self.significant else "not significant"
+        return (
+            f"difference of mean return {self.difference:+.3f} "
+            f"(95% CI [{self.ci_low:+.3f}, {self.ci_high:+.3f}], Welch p={self.p_value:.3g}): "
+            f"{verdict} ({self.method})"
+        )
+
+
+def compare_results(
+    a, b, *, method: str = "welch", alpha: float = 0.05, seed: int = 0
+) -> Comparison:
+    """Compare the mean episode return of two evaluations (e.g. two checkpoints).
+
+    ``a`` and ``b`` are results (``EvalResult``), ``EpisodeData`` or arrays of
+    returns. ``method="welch"`` decides by Welch's t-test (unequal variances),
+    ``method="bootstrap"`` by whether the percentile bootstrap interval of the
+    difference excludes zero; both numbers are reported either way.
+    """
+    if method not in ("welch", "bootstrap"):
+        raise ValueError(f"method must be 'welch' or 'bootstrap', got {method!r}")
+    ra, rb = _returns_of(a, "a"), _returns_of(b, "b")
+    rng = np.random.default_rng(seed)
+    diffs = rb[rng.integers(0, len(rb), (BOOTSTRAP_SAMPLES, len(rb)))].mean(axis=1) - ra[
+        rng.integers(0, len(ra), (BOOTSTRAP_SAMPLES, len(ra)))
+    ].mean(axis=1)
+    low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+    if ra.std() == 0 and rb.std() == 0:
+        p_value = 1.0 if ra.mean() == rb.mean() else 0.0
+    else:
+        p_value = float(stats.ttest_ind(rb, ra, equal_var=False).pvalue)
+    significant = p_value < alpha if method == "welch" else bool(low > 0 or high < 0)
+    return Comparison(
+        float(rb.mean() - ra.mean()), float(low), float(high), p_value, significant, method
+    )
+
+
+def _returns_of(x, name: str) -> np.ndarray:
+    episodes = getattr(x, "episodes", x)
+    returns = np.asarray(getattr(episodes, "returns", episodes), dtype=np.float64)
+    if returns.ndim != 1 or len(returns) < 2:
+        raise ValueError(
+            f"compare_results needs at least 2 episode returns in {name}, got shape {returns.shape}"
+        )
+    return returns

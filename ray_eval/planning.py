@@ -28,17 +28,16 @@ class Chunk:
         return len(self.indices)
 
 
-def episode_seeds(seed: int, step: int, num_episodes: int, *, member_index: int = 0) -> np.ndarray:
+def episode_seeds(seed: int, step: int, num_episodes: int) -> np.ndarray:
     """Reset seeds of episodes ``0..num_episodes-1`` of the evaluation at ``step``.
 
     ``numpy.random.SeedSequence`` hashes the whole entropy tuple, so nearby
-    ``(seed, step, i)`` give unrelated seeds.
+    ``(seed, step, i)`` give unrelated seeds. Every member of a suite gets the
+    same seeds (common random numbers): member differences are not seed noise,
+    and a member evaluated alone gives the same episodes as within the suite.
     """
     return np.array(
-        [
-            np.random.SeedSequence([seed, step, member_index, i]).generate_state(1)[0]
-            for i in range(num_episodes)
-        ],
+        [np.random.SeedSequence([seed, step, i]).generate_state(1)[0] for i in range(num_episodes)],
         dtype=np.int64,
     )
 
@@ -75,8 +74,8 @@ def plan_chunks(
     """
     chunks: list[Chunk] = []
     total = sum(members.values())
-    for member_index, (member, count) in enumerate(members.items()):
-        seeds = episode_seeds(seed, step, count, member_index=member_index)
+    for member, count in members.items():
+        seeds = episode_seeds(seed, step, count)
         # Share the workers between members in proportion to their episodes.
         workers_here = max(1, round(num_workers * count / max(total, 1)))
         size = chunk_size(count, workers_here, envs_per_worker)

@@ -77,6 +77,7 @@ class EvalWorker:
 
         from ray_eval.envs import build_env, check_action, make_rollout
         from ray_eval.policies import build_policy, prepare_policy
+        from ray_eval.video import check_renders
         from ray_eval.weights import module_params
 
         if config.torch_threads:
@@ -103,6 +104,8 @@ class EvalWorker:
             )
             with torch.no_grad(), set_exploration_type(self._exploration):
                 check_action(rollout, member or _env_name(factory))
+            if config.render:
+                check_renders(env, member or _env_name(factory))
             self.rollouts[member] = rollout
         if isinstance(self.policy, torch.nn.Module):
             self._targets = module_params(self.policy)
