@@ -22,7 +22,7 @@ def three_node_cluster(no_ray):
 
 
 def test_spread_puts_workers_on_different_nodes_and_pack_on_one(three_node_cluster):
-    cluster, nodes = three_node_cluster
+    _, nodes = three_node_cluster
     with Evaluator(
         "CartPole-v1",
         nn.Linear(4, 2),
