@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import io
+import functools
+import inspect
 import logging
 import os
 import time
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_eval.episodes import EpisodeData
-from ray_eval.errors import EvaluationTimeout
+from ray_eval.errors import EvaluationTimeout, ResourceUnavailableError, WorkerDiedError
 from ray_eval.metrics import EvalResult, aggregate
 from ray_eval.planning import plan_chunks
 from ray_eval.pool import EvalRequest, PoolConfig, WorkerPool, check_resources
@@ -52,21 +53,84 @@ def ensure_ray() -> bool:
 
 
 def check_picklable(obj: Any, what: str) -> None:
-    """Raise ``TypeError`` naming what in ``obj`` cannot be sent to the workers."""
+    """Raise ``TypeError`` naming what in ``obj`` cannot be sent to the workers.
+
+    The message names the object's parts that fail, by their path, e.g.
+    ``policy.lock (_thread.lock)`` or ``env.<closure>.conn (socket.socket)``.
+    """
     if obj is None:
         return
+    if isinstance(obj, dict) and list(obj) == [""]:  # a plain (non-suite) env
+        obj = obj[""]
     try:
         ray.cloudpickle.dumps(obj)
     except Exception as error:
-        report = io.StringIO()
-        with contextlib.redirect_stdout(report):
-            _, failures = ray.util.inspect_serializability(obj, name=what)
-        culprits = ", ".join(sorted({f"{f.name} ({type(f.obj).__name__})" for f in failures or []}))
+        culprits = _unpicklable_parts(obj, what)
         raise TypeError(
             f"{what} cannot be pickled for the Ray workers: {type(error).__name__}: {error}"
-            + (f"; not serializable: {culprits}" if culprits else "")
+            + (f"; not picklable: {', '.join(culprits)}" if culprits else "")
             + ". Pass a factory that builds it inside the worker, or use backend='local'."
         ) from None
+
+
+def _unpicklable_parts(obj: Any, path: str, depth: int = 6, budget: list | None = None) -> list:
+    """The deepest parts of ``obj`` that cannot be pickled, as ``"path (type)"``."""
+    budget = [500] if budget is None else budget  # objects to try, in all
+    found = []
+    for name, child in _parts(obj):
+        budget[0] -= 1
+        if budget[0] < 0:
+            break
+        try:
+            ray.cloudpickle.dumps(child)
+        except Exception:
+            where = f"{path}{name}"
+            deeper = _unpicklable_parts(child, where, depth - 1, budget) if depth > 0 else []
+            found.extend(deeper or [f"{where} ({_type_name(child)})"])
+    return found
+
+
+def _parts(obj: Any) -> list[tuple[str, Any]]:
+    """``obj``'s direct parts, as (path suffix, part)."""
+    if isinstance(obj, dict):
+        return [(f"[{k!r}]", v) for k, v in obj.items()]
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [(f"[{i}]", v) for i, v in enumerate(obj)]
+    if isinstance(obj, functools.partial):
+        return [
+            (".func", obj.func),
+            *((f".args[{i}]", v) for i, v in enumerate(obj.args)),
+            *((f".keywords[{k!r}]", v) for k, v in obj.keywords.items()),
+        ]
+    if inspect.ismethod(obj):
+        return [(".__self__", obj.__self__)]
+    if inspect.isfunction(obj):
+        try:
+            closure = inspect.getclosurevars(obj)
+        except Exception:
+            return []
+        return [
+            *((f".<closure>.{k}", v) for k, v in closure.nonlocals.items()),
+            *((f".<global>.{k}", v) for k, v in closure.globals.items()),
+            *((f".<default>[{i}]", v) for i, v in enumerate(obj.__defaults__ or ())),
+        ]
+    if hasattr(obj, "_modules") and isinstance(obj._modules, dict):  # an nn.Module
+        state = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+        return [*((f".{k}", v) for k, v in obj._modules.items()), *_attrs(state)]
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return _attrs(vars(obj))
+    return []
+
+
+def _attrs(state: dict) -> list[tuple[str, Any]]:
+    return [(f".{k}", v) for k, v in state.items()]
+
+
+def _type_name(obj: Any) -> str:
+    cls = type(obj)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
 
 
 class RayBackend:
@@ -85,16 +149,39 @@ class RayBackend:
             .options(
                 num_cpus=0,
                 max_concurrency=1000,  # shutdown and queued requests while one runs
-                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+                # On the driver's node, which it shares fate with anyway: a node that
+                # dies then takes workers only, which are restarted elsewhere. (Soft
+                # affinity is not enough: Ray places a zero-CPU actor on another node
+                # when the driver's node has no CPU, e.g. a head started with 0 CPUs.)
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
             )
             .remote(pool_config, config_blob, policy_blob)
         )
+        self._pool_id = self._pool._actor_id.hex()
+        self._worker_ids: list[str] = []
+        # The pool bounds the workers' start by startup_timeout; this bounds the
+        # pool's own start (a zero-CPU actor, so only a broken cluster delays it).
+        bound = pool_config.startup_timeout + 60
         try:
-            self.workers: list[WorkerInfo] = ray.get(self._pool.start.remote())
-            self.actor_ids = [self._pool._actor_id.hex(), *ray.get(self._pool.actor_ids.remote())]
+            self.workers: list[WorkerInfo] = ray.get(self._pool.start.remote(), timeout=bound)
+            self._worker_ids = ray.get(self._pool.actor_ids.remote(), timeout=60)
+        except GetTimeoutError:
+            self.shutdown(timeout=5)
+            raise ResourceUnavailableError(
+                f"the evaluator's pool actor did not start within {bound:g} s"
+            ) from None
         except BaseException as error:
             self.shutdown(timeout=5)
             raise unwrap(error) from None
+
+    @property
+    def actor_ids(self) -> list[str]:
+        """The pool actor and its current workers (a replaced worker's successor included)."""
+        if self._pool is None:
+            return []
+        with contextlib.suppress(Exception):
+            self._worker_ids = ray.get(self._pool.actor_ids.remote(), timeout=30)
+        return [self._pool_id, *self._worker_ids]
 
     def submit(self, request: EvalRequest, payload: Payload | None) -> ray.ObjectRef:
         if payload is not None:
@@ -115,6 +202,12 @@ class RayBackend:
             return ray.get(handle, timeout=timeout)
         except GetTimeoutError:
             raise
+        except RayActorError as error:  # the pool actor itself is gone
+            raise WorkerDiedError(
+                f"the evaluator's pool actor died, and its workers with it; create a new "
+                f"Evaluator. Cause: {' '.join(str(error).split())}",
+                cause=str(error),
+            ) from None
         except BaseException as error:
             raise unwrap(error) from None
 

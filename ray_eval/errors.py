@@ -72,7 +72,21 @@ class WorkerStartupError(RayEvalError):
 
 
 class WorkerDiedError(RayEvalError):
-    """A worker process died more often than ``max_restarts`` allows."""
+    """A worker process died more often than ``max_restarts`` allows (or could
+    not be restarted). ``worker`` is its index in the pool, ``cause`` Ray's
+    account of the death (exit type and detail)."""
+
+    def __init__(self, message: str, *, worker: int | None = None, cause: str = "") -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.cause = cause
+
+    def __reduce__(self):
+        return (_rebuild_worker_died, (self.args[0], self.worker, self.cause))
+
+
+def _rebuild_worker_died(message, worker, cause):
+    return WorkerDiedError(message, worker=worker, cause=cause)
 
 
 class EvaluationTimeout(RayEvalError, TimeoutError):

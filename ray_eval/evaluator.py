@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -337,23 +338,31 @@ class Evaluator:
         return None if self.last_result is None else self.last_result.episodes
 
     def _next_result(self, timeout: float | None) -> dict | None:
-        with self._lock:
-            head = self._pending[0].handle if not self._ready and self._pending else None
-        # Wait on the handle itself (ray.wait), then for the delivery thread to
-        # hand the result over, which follows within milliseconds.
-        if head is not None and not self._backend.ready([head], timeout):
-            return None
-        with self._delivered:
-            if head is not None:
-                self._delivered.wait_for(
-                    lambda: self._ready or head not in [p.handle for p in self._pending], timeout=30
-                )
-            if not self._ready:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                head = self._pending[0].handle if not self._ready and self._pending else None
+            # Wait on the handle itself (ray.wait), then for the delivery thread to
+            # hand the result over, which follows within milliseconds.
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if head is not None and not self._backend.ready([head], remaining):
                 return None
-            item = self._ready.popleft()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+            with self._delivered:
+                if head is not None:
+                    self._delivered.wait_for(
+                        lambda head=head: (
+                            self._ready or head not in [p.handle for p in self._pending]
+                        ),
+                        timeout=30,
+                    )
+                if not self._ready:
+                    if head is not None and self._pending and not self._closed:
+                        continue  # the head was replaced ("latest"): wait for the next one
+                    return None
+                item = self._ready.popleft()
+            if isinstance(item, BaseException):
+                raise item
+            return item
 
     def _start_delivery_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():

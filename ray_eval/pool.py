@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -28,6 +28,7 @@ from ray_eval.errors import (
     EvaluationTimeout,
     ResourceUnavailableError,
     WorkerDiedError,
+    WorkerStartupError,
 )
 from ray_eval.metrics import EpisodeData, EvalResult, aggregate
 from ray_eval.planning import Chunk, plan_chunks
@@ -80,7 +81,10 @@ class WorkerPool:
             bundles = [dict(config.worker_resources) for _ in range(config.num_workers)]
             self._pg = placement_group(bundles, strategy=PLACEMENT_STRATEGIES[config.placement])
         self._workers = [self._create_worker(i) for i in range(config.num_workers)]
-        self._deaths = [0] * config.num_workers
+        self._deaths = [0] * config.num_workers  # deaths seen while running a chunk
+        self._causes = [""] * config.num_workers  # what killed each one last
+        self._where = [(0, "")] * config.num_workers  # (pid, node id) when last seen
+        self._recovering: dict[int, asyncio.Future] = {}  # worker -> wait for its restart
         self._next_seq = 0
         self._newest_replaceable = -1
         self._turn = asyncio.Condition()
@@ -105,9 +109,16 @@ class WorkerPool:
         return actor_cls.options(**options).remote(self._worker_config_blob, self._policy_blob)
 
     def _replace_worker(self, index: int) -> None:
+        task = self._recovering.pop(index, None)
+        if task is not None:
+            task.cancel()
         ray.kill(self._workers[index], no_restart=True)
         self._workers[index] = self._create_worker(index)
         self._deaths[index] = 0
+        self._causes[index] = ""
+        self._where[index] = (0, "")
+        # Chunks go to the other workers until this one has started.
+        self._recovering[index] = asyncio.ensure_future(self._until_back(index))
 
     async def start(self) -> list[WorkerInfo]:
         """Wait until every worker has built its envs and policy (bounded)."""
@@ -116,10 +127,13 @@ class WorkerPool:
                 await asyncio.wait_for(self._pg.ready(), self._config.startup_timeout)
             except asyncio.TimeoutError:
                 raise ResourceUnavailableError(
-                    f"placement group of {self._config.num_workers} bundles "
-                    f"{self._config.worker_resources} ({self._config.placement}) could not be "
-                    f"placed within {self._config.startup_timeout:g} s; cluster has "
-                    f"{ray.available_resources()} available"
+                    f"placement group of {self._config.num_workers} bundles of "
+                    f"{_resources_text(self._config.worker_resources)} "
+                    f"({self._config.placement}) could not be placed within "
+                    f"{self._config.startup_timeout:g} s; "
+                    + _free_text(self._config.worker_resources)
+                    + f"; {_nodes_that_fit(self._config.worker_resources)} node(s) can hold "
+                    f"a bundle"
                 ) from None
         calls = [asyncio.wrap_future(w.describe.remote().future()) for w in self._workers]
         _, pending = await asyncio.wait(calls, timeout=self._config.startup_timeout)
@@ -130,22 +144,33 @@ class WorkerPool:
             raise ResourceUnavailableError(
                 f"{len(waiting)} of {len(calls)} workers did not start within "
                 f"{self._config.startup_timeout:g} s (worker indices {waiting}); each asks for "
-                f"{self._config.worker_resources} and the cluster has "
-                f"{_resources_text(ray.available_resources())} available of "
-                f"{_resources_text(ray.cluster_resources())}"
+                f"{_resources_text(self._config.worker_resources)}; "
+                + _free_text(self._config.worker_resources)
+                + " (or the workers are only slow to build their envs: then raise "
+                "startup_timeout)"
             )
         infos = []
-        for call in calls:
+        for index, call in enumerate(calls):
             try:
                 infos.append(call.result())
             except RayTaskError as error:
                 raise _cause(error) from None
+            except RayActorError as error:
+                raise WorkerStartupError(
+                    f"worker {index} died while building its env and policy (its process "
+                    f"exited; it was restarted up to max_restarts={self._config.max_restarts} "
+                    f"times). Cause: {_death_cause(error)}"
+                ) from None
+            self._where[index] = (infos[-1].pid, infos[-1].node_id)
         return infos
 
     def actor_ids(self) -> list[str]:
         return [w._actor_id.hex() for w in self._workers]
 
     async def shutdown(self) -> None:
+        for task in self._recovering.values():
+            task.cancel()
+        self._recovering.clear()
         for worker in self._workers:
             ray.kill(worker, no_restart=True)
         if self._pg is not None:
@@ -193,11 +218,17 @@ class WorkerPool:
         return EvalResult(metrics, episodes)
 
     async def _run_chunks(self, chunks: list[Chunk], request: EvalRequest):
-        """Hand chunks to workers as they free up; re-run a dead worker's chunk."""
+        """Hand chunks to workers as they free up; re-run a dead worker's chunk.
+
+        A worker whose process died is given no chunk until Ray has restarted
+        it (``_until_back``): a call to a restarting actor fails at once, and
+        must not count as another death.
+        """
         timeout = self._config.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._collect_recovered()
         queue = deque(chunks)
-        free = deque(range(len(self._workers)))
+        free = deque(i for i in range(len(self._workers)) if i not in self._recovering)
         running: dict[asyncio.Future, tuple[int, Chunk]] = {}
         batches, restarts = [], 0
         while queue or running:
@@ -205,38 +236,52 @@ class WorkerPool:
                 index, chunk = free.popleft(), queue.popleft()
                 ref = self._workers[index].run_chunk.remote(chunk, request.weights)
                 running[asyncio.wrap_future(ref.future())] = (index, chunk)
+            recovering = {task: index for index, task in self._recovering.items()}
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, _ = await asyncio.wait(
-                running, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                [*running, *(recovering if queue else ())],
+                timeout=remaining,
+                return_when=asyncio.FIRST_COMPLETED,
             )
             if not done:
+                unfinished = sum(len(c) for _, c in running.values()) + sum(map(len, queue))
+                stuck = sorted(index for index, _ in running.values())
+                starting = sorted(self._recovering)
                 self._abandon(running)
                 raise EvaluationTimeout(
                     f"evaluation at step {request.step} did not finish within {timeout:g} s "
-                    f"({sum(len(c) for _, c in running.values()) + sum(map(len, queue))} episodes "
-                    f"unfinished); the stuck workers were replaced"
+                    f"({unfinished} episodes unfinished); "
+                    + (f"the stuck workers {stuck} were replaced by fresh ones" if stuck else "")
+                    + ("; " if stuck and starting else "")
+                    + (f"workers {starting} were still (re)starting" if starting else "")
                 )
             for future in done:
+                if future in recovering:
+                    index = recovering[future]
+                    if self._recovering.get(index) is not future:
+                        continue  # replaced meanwhile: its successor is being waited for
+                    del self._recovering[index]
+                    if future.exception() is not None:
+                        self._fail(running, index, future.exception(), "could not be restarted")
+                    free.append(index)
+                    continue
                 index, chunk = running.pop(future)
                 try:
                     batch = future.result()
                 except RayActorError as error:
                     restarts += 1
                     self._deaths[index] += 1
-                    if self._deaths[index] > self._config.max_restarts or (
-                        isinstance(error, ActorDiedError) and self._config.max_restarts == 0
-                    ):
-                        for other in running:
-                            other.cancel()  # the other workers' results are dropped
-                        self._replace_worker(index)
-                        raise WorkerDiedError(
-                            f"worker {index} died {self._deaths[index] or 'again'} time(s), more "
-                            f"than max_restarts={self._config.max_restarts} allows; it was replaced "
-                            f"by a fresh worker for the next evaluation. Cause: "
-                            f"{_first_lines(error)}"
-                        ) from None
+                    self._causes[index] = _death_cause(error)
+                    if self._deaths[index] > self._config.max_restarts:
+                        self._fail(
+                            running,
+                            index,
+                            error,
+                            f"died {self._deaths[index]} time(s), more than "
+                            f"max_restarts={self._config.max_restarts} allows",
+                        )
                     queue.appendleft(chunk)  # same seeds: the re-run gives the same episodes
-                    free.append(index)  # Ray holds calls until the actor is back
+                    self._recovering[index] = asyncio.ensure_future(self._until_back(index))
                 except RayTaskError as error:
                     raise _cause(error) from None
                 else:
@@ -244,6 +289,46 @@ class WorkerPool:
                     batches.append(batch)
                     free.append(index)
         return batches, restarts
+
+    async def _until_back(self, index: int) -> None:
+        """Return once Ray has restarted worker ``index`` (raises if it cannot)."""
+        worker = self._workers[index]
+        while True:
+            try:
+                pid, node_id = await worker.ping.remote()
+            except ActorUnavailableError:  # restarting, or not reachable yet
+                await asyncio.sleep(0.2)
+                continue
+            self._where[index] = (pid, node_id)
+            return
+
+    def _collect_recovered(self) -> None:
+        """Between evaluations: take back restarted workers, replace lost ones."""
+        for index, task in list(self._recovering.items()):
+            if task.done():
+                del self._recovering[index]
+                if task.cancelled() or task.exception() is not None:
+                    self._replace_worker(index)
+
+    def _fail(self, running: dict, index: int, error: BaseException, what: str) -> None:
+        """Give up on this evaluation: worker ``index`` is lost for good."""
+        for other in running:
+            other.cancel()  # the other workers' results are dropped
+        who = self._describe(index)
+        cause = self._causes[index] or _death_cause(error)
+        self._replace_worker(index)
+        raise WorkerDiedError(
+            f"worker {who} {what}; it was replaced by a fresh worker for the next "
+            f"evaluation. Cause: {cause}",
+            worker=index,
+            cause=cause,
+        ) from None
+
+    def _describe(self, index: int) -> str:
+        pid, node_id = self._where[index]
+        where = f", pid {pid}" if pid else ""
+        where += f", node {node_id[:12]}" if node_id else ""
+        return f"{index} (actor {self._workers[index]._actor_id.hex()[:16]}{where})"
 
     def _abandon(self, running: dict) -> None:
         """Replace the workers still busy on this evaluation: they may be stuck."""
@@ -283,9 +368,33 @@ def check_resources(worker_resources: dict[str, float], num_workers: int) -> Non
             )
 
 
-def _resources_text(resources: dict) -> str:
+def _nodes_that_fit(request: dict[str, float]) -> str:
+    """``"1 of 1"``: alive nodes with the resources of one worker, of all alive nodes."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fit = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in request.items())]
+    return f"{len(fit)} of {len(nodes)}"
+
+
+def _free_text(request: dict[str, float]) -> str:
+    """``"the cluster has {CPU: 0} free of {CPU: 4}: not enough free CPU"``."""
+    keys = [k for k, v in request.items() if v > 0]
+    free, total = ray.available_resources(), ray.cluster_resources()
+    short = [k for k in keys if free.get(k, 0) + 1e-9 < request[k]]
+    text = (
+        f"the cluster has {_resources_text({k: free.get(k, 0) for k in keys}, zeros=True)} free "
+        f"of {_resources_text({k: total.get(k, 0) for k in keys}, zeros=True)}"
+    )
+    if short:
+        text += f": not enough free {', '.join(short)} (held by other actors or tasks)"
+    return text
+
+
+def _resources_text(resources: dict, *, zeros: bool = False) -> str:
     shown = {
-        k: v for k, v in resources.items() if not k.startswith(("node:", "object_store", "memory"))
+        k: v
+        for k, v in resources.items()
+        if (v or zeros)
+        and not k.startswith(("node:", "object_store", "memory", "accelerator_type:"))
     }
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
 
@@ -295,5 +404,15 @@ def _cause(error: RayTaskError) -> BaseException:
     return cause if isinstance(cause, BaseException) else error
 
 
-def _first_lines(error: BaseException, n: int = 6) -> str:
-    return " ".join(str(error).strip().splitlines()[:n])
+def _death_cause(error: BaseException) -> str:
+    """Ray's account of why an actor died, without its boilerplate: the error
+    type, why the actor is gone, and the worker's exit type and detail."""
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    # Drop the actor's identity (class_name, actor_id, pid, namespace, ip): named already.
+    keep = [
+        line
+        for line in lines
+        if line and not line.startswith(("class_name:", "actor_id:", "pid:", "namespace:", "ip:"))
+    ]
+    text = " ".join(keep).split(" If the process was killed by the kernel OOM killer")[0]
+    return f"{type(error).__name__}: {text}"

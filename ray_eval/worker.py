@@ -160,6 +160,10 @@ class RemoteWorker(EvalWorker):
         policy = pickle.loads(policy_blob) if policy_blob is not None else None
         super().__init__(config, policy)
 
+    def ping(self) -> tuple[int, str]:
+        """(pid, node id): answers once the actor is up (e.g. after a restart)."""
+        return os.getpid(), _node_id()
+
     def run_chunk(self, chunk: Chunk, boxed_weights: list | None) -> EpisodeBatch:
         # The ref arrives boxed in a list so that Ray does not fetch it for every
         # chunk: a worker fetches and loads an evaluation's weights only once.

@@ -8,10 +8,30 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+
+
+def take_fault(path: str | None, times: int = 1) -> bool:
+    """True the first ``times`` times any process asks for ``path``, then False.
+
+    Each fault claims a marker file ``path`` (then ``path.1``, ``path.2``, ...)
+    with ``O_EXCL``, so processes racing for it never both win, and a
+    restarted worker (a new process) sees the faults already spent.
+    """
+    if not path:
+        return False
+    for k in range(times):
+        marker = path if k == 0 else f"{path}.{k}"
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
 
 
 class SeedLengthEnv(gym.Env):
@@ -19,17 +39,43 @@ class SeedLengthEnv(gym.Env):
 
     Length = 1 + seed % 37 steps, reward 1 per step (return = length), so a
     test can check every planned episode ran to its end exactly once.
+
+    Faults, each at step ``fault_step`` of an episode: ``crash_file`` kills the
+    process with ``os._exit`` (``crash_times`` times in all, across processes);
+    ``raise_at`` raises at that step of every episode, ``raise_file`` once;
+    ``hang_at`` sleeps an hour at that step of every episode, ``hang_file``
+    ``hang_times`` times in all.
+    ``step_sleep`` slows every step; ``action_reward`` makes the reward depend
+    on the policy's action (so a result shows which weights ran).
     """
 
     observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
     action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
 
     def __init__(
-        self, crash_file: str | None = None, raise_at: int | None = None, hang_at: int | None = None
+        self,
+        crash_file: str | None = None,
+        raise_at: int | None = None,
+        hang_at: int | None = None,
+        *,
+        crash_times: int = 1,
+        raise_file: str | None = None,
+        hang_file: str | None = None,
+        hang_times: int = 1,
+        fault_step: int = 3,
+        step_sleep: float = 0.0,
+        action_reward: bool = False,
     ):
         self._crash_file = crash_file
+        self._crash_times = crash_times
         self._raise_at = raise_at
+        self._raise_file = raise_file
         self._hang_at = hang_at
+        self._hang_file = hang_file
+        self._hang_times = hang_times
+        self._fault_step = fault_step
+        self._step_sleep = step_sleep
+        self._action_reward = action_reward
         self._length = 0
         self._t = 0
 
@@ -46,18 +92,29 @@ class SeedLengthEnv(gym.Env):
 
     def step(self, action):
         self._t += 1
-        if self._crash_file and not Path(self._crash_file).exists() and self._t == 3:
-            Path(self._crash_file).write_text(str(os.getpid()))
-            os._exit(17)  # a real process death, once
+        if self._step_sleep:
+            time.sleep(self._step_sleep)
+        at_fault_step = self._t == self._fault_step
+        if at_fault_step and take_fault(self._crash_file, self._crash_times):
+            os._exit(17)  # a real process death
         if self._raise_at is not None and self._t == self._raise_at:
             raise RuntimeError(f"boom at step {self._t}")
+        if at_fault_step and take_fault(self._raise_file):
+            raise RuntimeError(f"boom at step {self._t} (seed {self._seed})")
         if self._hang_at is not None and self._t == self._hang_at:
             time.sleep(3600)
+        if at_fault_step and take_fault(self._hang_file, self._hang_times):
+            time.sleep(3600)
         obs = np.array([self._t / 100.0, float(action[0])], np.float32)
+        reward = 1.0 + 0.5 * float(np.tanh(action[0])) if self._action_reward else 1.0
         return (
             obs,
-            1.0,
+            reward,
             self._t >= self._length,
             False,
             {"is_success": self._t % 2 == 0, "speed": 2.0},
         )
+
+
+class NotAnEnv:
+    """What a broken env factory returns."""

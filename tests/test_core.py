@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import ray
 import torch
-from ray.util.state import list_actors
 from tensordict import TensorDict, from_module
 from tensordict.nn import TensorDictModule
 from torch import nn
@@ -21,6 +20,7 @@ from torchrl.collectors import RandomPolicy
 from torchrl.envs import GymEnv
 
 from ray_eval import EvalResult, Evaluator, EvaluatorBusyError
+from tests.checks import live_actor_ids
 from tests.envs import SeedLengthEnv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,10 +44,6 @@ def perturbed(policy: TensorDictModule, scale: float = 0.5, seed: int = 1) -> Te
     gen = torch.Generator().manual_seed(seed)
     weights = from_module(policy).data.clone()
     return weights.apply(lambda p: p + scale * torch.randn(p.shape, generator=gen))
-
-
-def alive_actor_ids() -> set[str]:
-    return {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)}
 
 
 def test_tutorial_runs_with_only_the_import_changed():
@@ -348,14 +344,14 @@ def test_trainer_may_change_weights_right_after_trigger(ray_local):
 def test_shutdown_leaves_no_actor_alive_and_is_idempotent(ray_local):
     ev = Evaluator("Pendulum-v1", pendulum_policy(), num_workers=2, num_trajectories=4)
     ids = set(ev.actor_ids)
-    assert len(ids) == 3 and ids <= alive_actor_ids()  # the pool and two workers
+    assert len(ids) == 3 and ids <= live_actor_ids()  # the pool and two workers
     ev.trigger_eval()
     ev.shutdown()
     ev.shutdown()
     deadline = time.time() + 20
-    while ids & alive_actor_ids() and time.time() < deadline:
+    while ids & live_actor_ids() and time.time() < deadline:
         time.sleep(0.2)
-    assert not ids & alive_actor_ids()
+    assert not ids & live_actor_ids()
     with pytest.raises(RuntimeError, match="shut down"):
         ev.evaluate()
 
