@@ -44,6 +44,7 @@ def ensure_ray() -> bool:
         ray.init(logging_level=logging.WARNING)
         return False
     ray.init(
+        address="local",  # a new instance, not one an earlier `ray start` left running
         num_cpus=os.cpu_count(),
         include_dashboard=False,
         logging_level=logging.WARNING,
