@@ -21,10 +21,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ray_eval.episodes import EpisodeData
 from ray_eval.errors import EvaluationTimeout, ResourceUnavailableError, WorkerDiedError
-from ray_eval.metrics import EvalResult, aggregate
-from ray_eval.planning import plan_chunks
+from ray_eval.metrics import EvalResult
 from ray_eval.pool import EvalRequest, PoolConfig, WorkerPool, check_resources
 from ray_eval.weights import Payload
 from ray_eval.worker import EvalWorker, WorkerConfig, WorkerInfo
@@ -252,32 +250,16 @@ class LocalBackend:
         started = time.perf_counter()
         deadline = None if config.timeout is None else started + config.timeout
         self._worker.load_weights(payload, identity=("local", request.seq))
-        chunks = plan_chunks(
-            config.members,
-            seed=config.seed,
-            step=request.step,
-            num_workers=1,
-            envs_per_worker=config.envs_per_worker,
-            record_episodes=config.record_episodes,
-        )
         batches = []
-        for chunk in chunks:
+        for chunk in config.plan(request.step, num_workers=1):
             if deadline is not None and time.perf_counter() > deadline:
                 raise EvaluationTimeout(
                     f"evaluation at step {request.step} did not finish within {config.timeout:g} s"
                 )
             batches.append(self._worker.run(chunk))
-        episodes = EpisodeData.from_batches(batches, list(config.members))
-        metrics = aggregate(
-            episodes,
-            prefix=config.prefix,
-            step=request.step,
-            seconds=time.perf_counter() - started,
-            worker_restarts=0,
-            seed=config.seed,
-            metrics_fn=config.metrics_fn,
+        return config.summarize(
+            batches, request.step, seconds=time.perf_counter() - started, worker_restarts=0
         )
-        return EvalResult(metrics, episodes)
 
     @staticmethod
     def ready(handles: list, timeout: float | None) -> list:

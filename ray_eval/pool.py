@@ -58,6 +58,33 @@ class PoolConfig:
     record_episodes: int = 0
     metrics_fn: Any = None
 
+    def plan(self, step: int, num_workers: int) -> list[Chunk]:
+        """The chunks of the evaluation at ``step`` (see ``planning``)."""
+        return plan_chunks(
+            self.members,
+            seed=self.seed,
+            step=step,
+            num_workers=num_workers,
+            envs_per_worker=self.envs_per_worker,
+            record_episodes=self.record_episodes,
+        )
+
+    def summarize(
+        self, batches: list, step: int, *, seconds: float, worker_restarts: int
+    ) -> EvalResult:
+        """The evaluation's result from its chunks' episodes."""
+        episodes = EpisodeData.from_batches(batches, list(self.members))
+        metrics = aggregate(
+            episodes,
+            prefix=self.prefix,
+            step=step,
+            seconds=seconds,
+            worker_restarts=worker_restarts,
+            seed=self.seed,
+            metrics_fn=self.metrics_fn,
+        )
+        return EvalResult(metrics, episodes)
+
 
 @dataclass
 class EvalRequest:
@@ -194,28 +221,12 @@ class WorkerPool:
                 self._turn.notify_all()
 
     async def _evaluate(self, request: EvalRequest) -> EvalResult:
-        config = self._config
         started = time.perf_counter()
-        chunks = plan_chunks(
-            config.members,
-            seed=config.seed,
-            step=request.step,
-            num_workers=len(self._workers),
-            envs_per_worker=config.envs_per_worker,
-            record_episodes=config.record_episodes,
-        )
+        chunks = self._config.plan(request.step, num_workers=len(self._workers))
         batches, restarts = await self._run_chunks(chunks, request)
-        episodes = EpisodeData.from_batches(batches, list(config.members))
-        metrics = aggregate(
-            episodes,
-            prefix=config.prefix,
-            step=request.step,
-            seconds=time.perf_counter() - started,
-            worker_restarts=restarts,
-            seed=config.seed,
-            metrics_fn=config.metrics_fn,
+        return self._config.summarize(
+            batches, request.step, seconds=time.perf_counter() - started, worker_restarts=restarts
         )
-        return EvalResult(metrics, episodes)
 
     async def _run_chunks(self, chunks: list[Chunk], request: EvalRequest):
         """Hand chunks to workers as they free up; re-run a dead worker's chunk.
