@@ -18,6 +18,7 @@ def ray_local():
     """A Ray instance shared by the tests that use it, started on first use."""
     if not ray.is_initialized():
         ray.init(
+            address="local",  # our own instance, never another one running on the machine
             num_cpus=NUM_CPUS,
             include_dashboard=True,  # the state API (list_actors) needs it
             logging_level=logging.WARNING,
