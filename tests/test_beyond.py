@@ -51,10 +51,18 @@ def test_iqm_and_bootstrap_intervals_match_a_direct_computation(ray_local):
     assert result["eval/reward_iqm"] == pytest.approx(stats.trim_mean(r, 0.25))
     # rliable's IQM: mean of the middle half of the sorted values (40 -> 20 values)
     assert result["eval/reward_iqm"] == pytest.approx(np.sort(r)[10:30].mean())
-    # the same seeded percentile bootstrap, recomputed here
+    # the same seeded percentile bootstrap, recomputed here with scipy (resamples are drawn
+    # as sorted indices into the sorted returns: the same distribution as plain resampling)
     rng = np.random.default_rng([2, 1, 0xB007])
-    means = r[rng.integers(0, len(r), (BOOTSTRAP_SAMPLES, len(r)))].mean(axis=1)
-    iqms = stats.trim_mean(r[rng.integers(0, len(r), (BOOTSTRAP_SAMPLES, len(r)))], 0.25, axis=1)
+    ordered = np.sort(r)
+
+    def resamples():
+        draws = rng.integers(0, len(r), (BOOTSTRAP_SAMPLES, len(r)))
+        draws.sort(axis=1)
+        return ordered[draws]
+
+    means = resamples().mean(axis=1)
+    iqms = stats.trim_mean(resamples(), 0.25, axis=1)
     assert result["eval/reward_ci_low"] == pytest.approx(np.quantile(means, 0.025))
     assert result["eval/reward_ci_high"] == pytest.approx(np.quantile(means, 0.975))
     assert result["eval/reward_iqm_ci_low"] == pytest.approx(np.quantile(iqms, 0.025))
