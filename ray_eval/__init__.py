@@ -16,6 +16,7 @@ _EXPORTS = {
     "Comparison": "ray_eval.metrics",
     "compare_results": "ray_eval.metrics",
     "RayEvalError": "ray_eval.errors",
+    "ActionMismatchError": "ray_eval.errors",
     "EnvError": "ray_eval.errors",
     "EvaluationTimeout": "ray_eval.errors",
     "EvaluatorBusyError": "ray_eval.errors",
@@ -43,6 +44,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from ray_eval.episodes import EpisodeData
     from ray_eval.errors import (
+        ActionMismatchError,
         EnvError,
         EvaluationTimeout,
         EvaluatorBusyError,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torchrl.envs import EnvBase, GymEnv, GymWrapper
 
+from ray_eval.errors import ActionMismatchError
 from ray_eval.policies import observation_to_action, tensordict_to_action
 from ray_eval.rollout import GymnasiumRollout, TorchRLRollout
 
@@ -94,10 +95,6 @@ def unwrap_bare_gym_env(env) -> gym.Env | None:
 
 def _has_array_observations(env: gym.Env) -> bool:
     return isinstance(env.observation_space, gym.spaces.Box)
-
-
-class ActionMismatchError(TypeError):
-    pass
 
 
 def gym_action_adapter(space: gym.Space, env_name: str) -> Callable[[torch.Tensor], Any]:
@@ -187,7 +184,7 @@ def make_rollout(
     if gym_env is not None:
         to_action = observation_to_action(policy)
         adapt = gym_action_adapter(
-            gym_env.action_space, str(gym_env.spec.id if gym_env.spec else "")
+            gym_env.action_space, gym_env.spec.id if gym_env.spec else _name(factory)
         )
 
         def act(obs: np.ndarray):
@@ -240,8 +237,7 @@ def check_action(rollout, env_name: str) -> None:
         env = rollout._envs[0]
         obs, _ = env.reset(seed=0)
         rollout._obs[:] = obs
-        actions = rollout._act(rollout._obs)
-        env.action_space.contains  # noqa: B018 - the adapter validated shape and dtype
+        actions = rollout._act(rollout._obs)  # the adapter checks shape and dtype
         if isinstance(env.action_space, gym.spaces.Discrete):
             bad = [a for a in actions if not env.action_space.contains(a)]
             if bad:

@@ -98,5 +98,9 @@ class ResourceUnavailableError(RayEvalError):
     cluster, or more CPUs than it has)."""
 
 
+class ActionMismatchError(RayEvalError, TypeError):
+    """The policy's actions do not fit the env's action space (raised at construction)."""
+
+
 class WeightsMismatchError(ValueError):
     """Weights whose keys or shapes do not fit the policy."""
