@@ -83,20 +83,15 @@ class _EpisodeLog:
         )
 
 
-class GymnasiumRollout:
-    """Episodes on copies of a gymnasium env with a Box observation space.
-
-    The gymnasium vector envs step every copy on every call and reset finished
-    copies by themselves; here each copy must start a given episode with its
-    own seed and idle copies must not be stepped, so the loop steps the copies
-    itself (the cost of a ``SyncVectorEnv`` step without its per-copy overhead).
-    """
+class _EnvSlots:
+    """What both loops share: env copies, built when a chunk first needs them, one
+    per slot; the batched policy call; the step limit; the info keys to average."""
 
     def __init__(
         self,
         make_env: Callable[[], object],
         first_env,
-        act: Callable[[np.ndarray], Sequence],
+        act: Callable,
         *,
         batch_size: int,
         max_steps: int | None,
@@ -108,13 +103,29 @@ class GymnasiumRollout:
         self.batch_size = batch_size
         self._max_steps = max_steps or math.inf
         self._info_keys = tuple(info_keys)
-        space = first_env.observation_space
-        self._obs = np.zeros((batch_size, *space.shape), dtype=space.dtype)
+        self._setup(first_env)
+
+    def _setup(self, first_env) -> None:
+        """What a loop needs to know of the env before it runs."""
 
     def _env_copies(self, count: int) -> list:
         while len(self._envs) < count:
             self._envs.append(self._make_env())
         return self._envs
+
+
+class GymnasiumRollout(_EnvSlots):
+    """Episodes on copies of a gymnasium env with a Box observation space.
+
+    The gymnasium vector envs step every copy on every call and reset finished
+    copies by themselves; here each copy must start a given episode with its
+    own seed and idle copies must not be stepped, so the loop steps the copies
+    itself (the cost of a ``SyncVectorEnv`` step without its per-copy overhead).
+    """
+
+    def _setup(self, first_env) -> None:
+        space = first_env.observation_space
+        self._obs = np.zeros((self.batch_size, *space.shape), dtype=space.dtype)
 
     def close(self) -> None:
         for env in self._envs:
@@ -218,35 +229,15 @@ def _direct_step(env, max_steps: float) -> tuple[Callable, float]:
     return inner.step, limit
 
 
-class TorchRLRollout:
+class TorchRLRollout(_EnvSlots):
     """Episodes on copies of a TorchRL ``EnvBase`` (transforms and specs honoured)."""
 
-    def __init__(
-        self,
-        make_env: Callable[[], object],
-        first_env,
-        act: Callable[[TensorDictBase], torch.Tensor],
-        *,
-        batch_size: int,
-        max_steps: int | None,
-        info_keys: Sequence[str] = (),
-    ) -> None:
-        self._make_env = make_env
-        self._envs = [first_env]
-        self._act = act
-        self.batch_size = batch_size
-        self._max_steps = max_steps or math.inf
-        self._info_keys = tuple(info_keys)
+    def _setup(self, first_env) -> None:
         self._observation_keys = list(first_env.observation_spec.keys(True, True))
         self.action_key = first_env.action_key
         self.reward_key = first_env.reward_key
         done_keys = first_env.done_keys
         self.done_key = "done" if "done" in done_keys else done_keys[0]
-
-    def _env_copies(self, count: int) -> list:
-        while len(self._envs) < count:
-            self._envs.append(self._make_env())
-        return self._envs
 
     def close(self) -> None:
         for env in self._envs:
