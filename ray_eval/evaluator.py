@@ -185,13 +185,16 @@ class Evaluator:
         if on_result is not None and not callable(on_result):
             raise TypeError(f"on_result must be callable, got {type(on_result).__name__}")
 
-        members = dict(env) if isinstance(env, Mapping) else {"": env}
+        is_suite = isinstance(env, Mapping)
+        members = dict(env) if is_suite else {"": env}
         if not members:
             raise ValueError("env: an evaluation suite needs at least one member")
         factories = {}
         for name, member_env in members.items():
-            if not isinstance(name, str) or ((len(members) > 1 or name) and not name):
-                raise ValueError(f"env: suite member names must be non-empty strings, got {name!r}")
+            if is_suite and (not isinstance(name, str) or not name or "/" in name):
+                raise ValueError(
+                    f"env: suite member names must be non-empty strings without '/', got {name!r}"
+                )
             factories[name] = as_env_factory(
                 member_env, render_mode="rgb_array" if record_video else None
             )

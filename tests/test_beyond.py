@@ -141,3 +141,11 @@ def test_record_video_needs_a_rendering_env(ray_local):
             num_trajectories=1,
             record_video=1,
         )
+
+
+@pytest.mark.parametrize(
+    "suite", [{}, {"": "CartPole-v1"}, {"a/b": "CartPole-v1"}, {3: "CartPole-v1"}]
+)
+def test_suite_member_names_are_checked(suite):
+    with pytest.raises(ValueError, match="env: "):
+        Evaluator(suite, cartpole_policy(), num_workers=0)
