@@ -23,7 +23,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_eval.errors import EvaluationTimeout, ResourceUnavailableError, WorkerDiedError
 from ray_eval.metrics import EvalResult
-from ray_eval.pool import EvalRequest, PoolConfig, WorkerPool, check_resources
+from ray_eval.pool import EvalRequest, PoolConfig, WorkerPool
+from ray_eval.resources import check_resources
 from ray_eval.weights import Payload
 from ray_eval.worker import EvalWorker, WorkerConfig, WorkerInfo
 

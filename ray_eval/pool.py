@@ -32,6 +32,7 @@ from ray_eval.errors import (
 )
 from ray_eval.metrics import EpisodeData, EvalResult, aggregate
 from ray_eval.planning import Chunk, plan_chunks
+from ray_eval.resources import free_text, nodes_that_fit, resources_text
 from ray_eval.worker import RemoteWorker, WorkerInfo
 
 PLACEMENT_STRATEGIES = {
@@ -155,11 +156,11 @@ class WorkerPool:
             except asyncio.TimeoutError:
                 raise ResourceUnavailableError(
                     f"placement group of {self._config.num_workers} bundles of "
-                    f"{_resources_text(self._config.worker_resources)} "
+                    f"{resources_text(self._config.worker_resources)} "
                     f"({self._config.placement}) could not be placed within "
                     f"{self._config.startup_timeout:g} s; "
-                    + _free_text(self._config.worker_resources)
-                    + f"; {_nodes_that_fit(self._config.worker_resources)} node(s) can hold "
+                    + free_text(self._config.worker_resources)
+                    + f"; {nodes_that_fit(self._config.worker_resources)} node(s) can hold "
                     f"a bundle"
                 ) from None
         calls = [asyncio.wrap_future(w.describe.remote().future()) for w in self._workers]
@@ -171,8 +172,8 @@ class WorkerPool:
             raise ResourceUnavailableError(
                 f"{len(waiting)} of {len(calls)} workers did not start within "
                 f"{self._config.startup_timeout:g} s (worker indices {waiting}); each asks for "
-                f"{_resources_text(self._config.worker_resources)}; "
-                + _free_text(self._config.worker_resources)
+                f"{resources_text(self._config.worker_resources)}; "
+                + free_text(self._config.worker_resources)
                 + " (or the workers are only slow to build their envs: then raise "
                 "startup_timeout)"
             )
@@ -346,68 +347,6 @@ class WorkerPool:
         for future, (index, _chunk) in running.items():
             future.cancel()
             self._replace_worker(index)
-
-
-def check_resources(worker_resources: dict[str, float], num_workers: int) -> None:
-    """Fail fast when the cluster can never host the workers (no node fits one, or
-    the cluster's total is short)."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    fits_one = [
-        n
-        for n in nodes
-        if all(n["Resources"].get(k, 0) >= v for k, v in worker_resources.items() if v > 0)
-    ]
-    if not fits_one:
-        missing = {
-            k: v
-            for k, v in worker_resources.items()
-            if v > 0 and not any(n["Resources"].get(k, 0) >= v for n in nodes)
-        }
-        raise ResourceUnavailableError(
-            f"no node of the cluster can host one worker: each worker asks for "
-            f"{_resources_text(worker_resources)}, and no node has "
-            f"{_resources_text(missing or worker_resources)} (cluster total: "
-            f"{_resources_text(ray.cluster_resources())})"
-        )
-    total = ray.cluster_resources()
-    for key, amount in worker_resources.items():
-        if amount > 0 and amount * num_workers > total.get(key, 0) + 1e-9:
-            raise ResourceUnavailableError(
-                f"{num_workers} workers x {amount:g} {key} = {amount * num_workers:g} {key}, "
-                f"but the cluster has {total.get(key, 0):g} {key} in all; use fewer workers "
-                f"(num_workers) or less per worker (num_cpus_per_worker / num_gpus_per_worker)"
-            )
-
-
-def _nodes_that_fit(request: dict[str, float]) -> str:
-    """``"1 of 1"``: alive nodes with the resources of one worker, of all alive nodes."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    fit = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in request.items())]
-    return f"{len(fit)} of {len(nodes)}"
-
-
-def _free_text(request: dict[str, float]) -> str:
-    """``"the cluster has {CPU: 0} free of {CPU: 4}: not enough free CPU"``."""
-    keys = [k for k, v in request.items() if v > 0]
-    free, total = ray.available_resources(), ray.cluster_resources()
-    short = [k for k in keys if free.get(k, 0) + 1e-9 < request[k]]
-    text = (
-        f"the cluster has {_resources_text({k: free.get(k, 0) for k in keys}, zeros=True)} free "
-        f"of {_resources_text({k: total.get(k, 0) for k in keys}, zeros=True)}"
-    )
-    if short:
-        text += f": not enough free {', '.join(short)} (held by other actors or tasks)"
-    return text
-
-
-def _resources_text(resources: dict, *, zeros: bool = False) -> str:
-    shown = {
-        k: v
-        for k, v in resources.items()
-        if (v or zeros)
-        and not k.startswith(("node:", "object_store", "memory", "accelerator_type:"))
-    }
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
 
 
 def _cause(error: RayTaskError) -> BaseException:
