@@ -291,7 +291,7 @@ class Evaluator:
             with self._lock:
                 self._sync_running -= 1
         self.last_result = result
-        self._call_on_result(result)
+        self._publish(result)
         return result
 
     # -- the asynchronous API ----------------------------------------------------
@@ -391,7 +391,7 @@ class Evaluator:
                 item = error
             if isinstance(item, EvalResult):
                 self.last_result = item
-                self._call_on_result(item)
+                self._publish(item)
             with self._delivered:
                 if self._pending and self._pending[0] is head:
                     self._pending.popleft()
@@ -399,7 +399,8 @@ class Evaluator:
                     self._ready.append(item)
                 self._delivered.notify_all()
 
-    def _call_on_result(self, result: EvalResult) -> None:
+    def _publish(self, result: EvalResult) -> None:
+        """Hand a finished result to its consumers: video files/logger, then ``on_result``."""
         if result.episodes is not None and result.episodes.frames:
             try:
                 result.videos = publish_videos(result, prefix=self._log_prefix, **self._video)
