@@ -143,8 +143,13 @@ class EvalWorker:
 
         if self._init_error is not None:
             raise self._init_error
-        with torch.no_grad(), self._set_exploration(self._exploration):
-            return self.rollouts[chunk.member].run(chunk)
+        # A stochastic policy draws from torch's global generator: seed it from the
+        # chunk, on a forked generator so the caller's own random state (the
+        # trainer's, in-process) is left as it was.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(int(chunk.seeds[0]))
+            with self._set_exploration(self._exploration):
+                return self.rollouts[chunk.member].run(chunk)
 
     def close(self) -> None:
         for rollout in self.rollouts.values():

@@ -433,3 +433,27 @@ def test_policy_factory_called_with_env_when_it_takes_one(ray_local):
         exploration_type=__import__("torchrl").envs.utils.ExplorationType.RANDOM,
     ) as ev:
         assert ev.evaluate()["eval/num_episodes"] == 2
+
+
+def test_stochastic_policy_is_reproducible_and_leaves_the_callers_rng_alone(ray_local):
+    from torchrl.envs.utils import ExplorationType
+
+    env_maker = functools.partial(GymEnv, "Pendulum-v1")
+    policy = RandomPolicy(env_maker().action_spec)
+    results = []
+    for caller_seed in (123, 456):  # the caller's random state does not matter...
+        with Evaluator(
+            env_maker,
+            policy,
+            num_workers=0,
+            num_trajectories=3,
+            exploration_type=ExplorationType.RANDOM,
+        ) as ev:
+            torch.manual_seed(caller_seed)
+            expected_next = torch.rand(
+                1, generator=torch.Generator().manual_seed(caller_seed)
+            ).item()
+            results.append(ev.evaluate(step=1)["eval/reward"])
+            # the in-process rollout did not consume the caller's random numbers
+            assert torch.rand(1).item() == expected_next
+    assert results[0] == results[1]  # ...the episodes' seeds do
