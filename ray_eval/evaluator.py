@@ -31,11 +31,12 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torchrl.envs.utils import ExplorationType
 
-from ray_eval.backends import LocalBackend, RayBackend, check_picklable, ensure_ray
+from ray_eval.backends import LocalBackend, RayBackend, ensure_ray
 from ray_eval.envs import EnvLike, as_env_factory
 from ray_eval.episodes import EpisodeData
 from ray_eval.errors import EvaluatorBusyError
 from ray_eval.metrics import EvalResult
+from ray_eval.pickling import check_picklable
 from ray_eval.pool import PLACEMENT_STRATEGIES, EvalRequest, PoolConfig
 from ray_eval.video import VIDEO_FORMATS, publish_videos
 from ray_eval.weights import WeightsLike, check_payload, to_payload
