@@ -61,6 +61,11 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def bootstrap_rng(seed: int, step: int) -> np.random.Generator:
+    """A fresh generator for one set of bootstrap intervals of the evaluation ``(seed, step)``."""
+    return np.random.default_rng([seed, step, 0xB007])
+
+
 def episode_metrics(episodes: EpisodeData, rng: np.random.Generator) -> dict[str, float]:
     """Reward and length statistics of a set of episodes (keys without prefix)."""
     r = episodes.returns
@@ -102,9 +107,14 @@ def aggregate(
     seed: int,
     metrics_fn: Callable[[EpisodeData], dict] | None = None,
 ) -> dict[str, float | int]:
-    """The evaluation's flat result dict, tutorial keys first."""
-    rng = np.random.default_rng([seed, step, 0xB007])
-    stats_all = episode_metrics(episodes, rng)
+    """The evaluation's flat result dict, tutorial keys first.
+
+    Every set of statistics (the whole evaluation, and each suite member) draws
+    its bootstrap resamples from its own generator, seeded from ``(seed, step)``
+    only: a suite member's intervals are those of an evaluation of that member
+    alone, whatever the other members are, their order or their number.
+    """
+    stats_all = episode_metrics(episodes, bootstrap_rng(seed, step))
     steps = stats_all.pop("env_steps", 0)
     head = ("reward", "reward_std", "num_episodes", "episode_length")
     result: dict[str, float | int] = {
@@ -118,7 +128,7 @@ def aggregate(
     result[f"{prefix}/worker_restarts"] = int(worker_restarts)
     members = [m for m in dict.fromkeys(episodes.members.tolist()) if m]
     for member in members:
-        sub = episode_metrics(episodes.select(member), rng)
+        sub = episode_metrics(episodes.select(member), bootstrap_rng(seed, step))
         sub.pop("env_steps", None)
         result.update({f"{prefix}/{member}/{k}": v for k, v in sub.items()})
     if metrics_fn is not None:

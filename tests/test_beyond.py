@@ -33,8 +33,19 @@ def test_suite_member_metrics_match_separate_evaluations(ray_local):
     for name, env in suite.items():
         with Evaluator(env, policy, num_workers=0, num_trajectories=6, seed=4) as alone:
             single = alone.evaluate(step=3)
-        for key in ("reward", "reward_std", "num_episodes", "episode_length", "reward_iqm"):
-            assert result[f"eval/{name}/{key}"] == single[f"eval/{key}"], (name, key)
+        member = {
+            k.removeprefix(f"eval/{name}/"): v
+            for k, v in result.items()
+            if k.startswith(f"eval/{name}/")
+        }
+        # every statistic of the lone evaluation, bootstrap intervals included, to the last
+        # bit; only what describes the evaluation as a whole (its step, timing, restarts and
+        # step count) has no per-member key
+        whole = {"step", "fps", "wall_time", "worker_restarts", "env_steps"}
+        expected = {k.removeprefix("eval/"): v for k, v in single.items()}
+        assert set(member) == set(expected) - whole, name
+        assert member == {k: v for k, v in expected.items() if k not in whole}, name
+        assert "reward_ci_low" in member and "reward_iqm_ci_high" in member
     assert result["eval/short/episode_length"] <= 20
     assert result.episodes.select("short").lengths.max() <= 20
     assert result["eval/reward"] == pytest.approx(
