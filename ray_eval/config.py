@@ -50,6 +50,10 @@ RESULT_FIELDS = (
     "exploration_type",
     "log_prefix",
 )
+# ... and of the worker settings, the one that does: the env copies a worker steps as one
+# batch fix the batch size of every policy call, and a batched matrix product gives
+# bit-for-bit different rows for different batch sizes.
+RESULT_WORKER_FIELDS = ("envs_per_worker",)
 
 
 class ConfigError(ValueError):
@@ -238,10 +242,13 @@ class EvalConfig(_Strict):
     def config_hash(self) -> str:
         """A short hash of what decides the numbers (env, policy, episodes, seed, ...).
 
-        Workers, output and loggers are left out: the same evaluation on 1 or 8
-        workers gives the same numbers, so it keeps the same hash.
+        Output, loggers and the workers' number and resources are left out: the
+        same evaluation on 1 or 8 workers gives the same numbers, so it keeps the
+        same hash. ``workers.envs_per_worker`` is in: it changes the last bits.
         """
-        data = self.model_dump(mode="json", include=set(RESULT_FIELDS))
+        include: dict[str, Any] = {name: True for name in RESULT_FIELDS}
+        include["workers"] = set(RESULT_WORKER_FIELDS)
+        data = self.model_dump(mode="json", include=include)
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
