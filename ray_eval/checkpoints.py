@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray_eval.errors import one_line
+
 SUFFIXES = (".pt", ".pth", ".ckpt")
 STEP_IN_NAME = re.compile(r"(?:^|[_\-.])step[_\-=]?(\d+)(?![\d])", re.IGNORECASE)
 IGNORED_NAME = re.compile(r"^\.|(\.tmp|\.part|\.partial|~)$|\.tmp\.", re.IGNORECASE)
@@ -158,7 +160,7 @@ def _load_tensordict_dir(path: Path):
         return TensorDict.load_memmap(path).to_tensordict()
     except Exception as error:
         raise CheckpointError(
-            f"checkpoint {path} cannot be read as a TensorDict: {_one_line(error)}"
+            f"checkpoint {path} cannot be read as a TensorDict: {one_line(error)}"
         ) from None
 
 
@@ -175,7 +177,7 @@ def _torch_load(path: Path, allow_pickle: bool):
                 f"unpickling runs code from the file: set checkpoint.allow_pickle=true if you trust it"
             ) from None
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or incomplete: {type(error).__name__}: {_one_line(error)}"
+            f"checkpoint {path} is corrupt or incomplete: {type(error).__name__}: {one_line(error)}"
         ) from None
 
 
@@ -232,11 +234,6 @@ def _first_non_tensor(mapping: Mapping, prefix: str = "") -> tuple[str, Any] | N
         elif not isinstance(value, torch.Tensor):
             return f"{prefix}{name}", value
     return None
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def write_metadata(path: str | Path, step: int, **extra: Any) -> Path:

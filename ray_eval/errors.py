@@ -104,3 +104,23 @@ class ActionMismatchError(RayEvalError, TypeError):
 
 class WeightsMismatchError(ValueError):
     """Weights whose keys or shapes do not fit the policy."""
+
+
+def remote_cause(error: BaseException) -> BaseException:
+    """The exception a worker or the pool raised, without Ray's ``RayTaskError`` wrapper."""
+    from ray.exceptions import RayTaskError
+
+    cause = getattr(error, "cause", None)
+    if isinstance(error, RayTaskError) and isinstance(cause, BaseException):
+        return cause
+    return error
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name if it has none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+class EvaluationCancelled(RayEvalError):
+    """An evaluation's handle was cancelled (``ray.cancel(ref)``); its result is dropped."""

@@ -1,4 +1,4 @@
-"""Which episodes an evaluation runs, with which seeds, in which chunks.
+"""Which episodes an evaluation runs, with which seeds, in which chunks; which request runs next.
 
 An evaluation is planned up front: episode ``i`` of the evaluation at step
 ``s`` gets a seed derived only from ``(seed, s, i)``. Seeds belong to episodes,
@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from ray_eval.episodes import EpisodeData
+from ray_eval.metrics import EvalResult, aggregate
 
 
 @dataclass(frozen=True)
@@ -85,3 +89,98 @@ def plan_chunks(
                 Chunk(member=member, indices=idx, seeds=seeds[idx], record=idx < record_episodes)
             )
     return chunks
+
+
+@dataclass
+class EvaluationPlan:
+    """What every evaluation of one evaluator runs and reports, whoever runs it.
+
+    Both backends, the Ray pool and in-process, plan chunks and summarize
+    results through this one object, so they give the same numbers.
+    """
+
+    members: dict[str, int]  # suite member -> episodes ("" for a single env)
+    envs_per_worker: int = 64
+    seed: int = 0
+    prefix: str = "eval"
+    record_episodes: int = 0
+    timeout: float | None = None  # seconds an evaluation may run, from its start
+    metrics_fn: Any = None  # fn(EpisodeData) -> {name: scalar}
+
+    def chunks(self, step: int, num_workers: int) -> list[Chunk]:
+        """The chunks of the evaluation at ``step``."""
+        return plan_chunks(
+            self.members,
+            seed=self.seed,
+            step=step,
+            num_workers=num_workers,
+            envs_per_worker=self.envs_per_worker,
+            record_episodes=self.record_episodes,
+        )
+
+    def deadline(self, started: float) -> float | None:
+        """When an evaluation that started at ``started`` (``time.monotonic()``) times out."""
+        return None if self.timeout is None else started + self.timeout
+
+    def summarize(
+        self, batches: list, step: int, *, seconds: float, worker_restarts: int
+    ) -> EvalResult:
+        """The evaluation's result from its chunks' episodes."""
+        episodes = EpisodeData.from_batches(batches, list(self.members))
+        metrics = aggregate(
+            episodes,
+            prefix=self.prefix,
+            step=step,
+            seconds=seconds,
+            worker_restarts=worker_restarts,
+            seed=self.seed,
+            metrics_fn=self.metrics_fn,
+        )
+        return EvalResult(metrics, episodes)
+
+
+@dataclass
+class EvalRequest:
+    """One evaluation the driver asked for."""
+
+    seq: int  # the driver's numbering: requests run in this order
+    step: int
+    weights: list | None = None  # [ObjectRef] of the weights payload, or None
+    replaceable: bool = False  # busy_policy="latest": a newer request may replace it
+
+
+class RequestOrder:
+    """Which request runs next: one at a time, in the driver's numbering.
+
+    A number that will never run (its request was cancelled, or finished) is
+    passed over, so a cancelled request never holds up the ones behind it. A
+    replaceable request (``busy_policy="latest"``) that has not started when a
+    newer replaceable one arrives is dropped.
+    """
+
+    def __init__(self) -> None:
+        self.next_seq = 0
+        self._finished: set[int] = set()
+        self._newest_replaceable = -1
+
+    def arrived(self, request: EvalRequest) -> None:
+        if request.replaceable:
+            self._newest_replaceable = max(self._newest_replaceable, request.seq)
+
+    def is_turn(self, seq: int) -> bool:
+        return seq == self.next_seq
+
+    def is_passed(self, seq: int) -> bool:
+        """True for a number already passed over (its request arrived too late to run)."""
+        return seq < self.next_seq or seq in self._finished
+
+    def is_replaced(self, request: EvalRequest) -> bool:
+        return request.replaceable and self._newest_replaceable > request.seq
+
+    def finish(self, seq: int) -> None:
+        """``seq`` ran, failed, was cancelled or will never arrive: let the next one go."""
+        if seq >= self.next_seq:
+            self._finished.add(seq)
+        while self.next_seq in self._finished:
+            self._finished.remove(self.next_seq)
+            self.next_seq += 1

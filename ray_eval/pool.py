@@ -29,9 +29,10 @@ from ray_eval.errors import (
     ResourceUnavailableError,
     WorkerDiedError,
     WorkerStartupError,
+    remote_cause,
 )
-from ray_eval.metrics import EpisodeData, EvalResult, aggregate
-from ray_eval.planning import Chunk, plan_chunks
+from ray_eval.metrics import EvalResult
+from ray_eval.planning import Chunk, EvalRequest, EvaluationPlan, RequestOrder
 from ray_eval.resources import free_text, nodes_that_fit, resources_text
 from ray_eval.worker import RemoteWorker, WorkerInfo
 
@@ -45,65 +46,34 @@ PLACEMENT_STRATEGIES = {
 
 @dataclass
 class PoolConfig:
+    """How the pool creates and keeps its workers (what they run is the ``EvaluationPlan``)."""
+
     num_workers: int
     worker_resources: dict[str, float]  # per worker: {"CPU": 1, "GPU": 0.5, "my_resource": 1}
     actor_options: dict[str, Any] = field(default_factory=dict)  # extra .options()
     max_restarts: int = 3
     startup_timeout: float = 60.0
-    timeout: float | None = None  # per evaluation
     placement: str | None = None
-    members: dict[str, int] = field(default_factory=lambda: {"": 10})  # member -> episodes
-    envs_per_worker: int = 64
-    seed: int = 0
-    prefix: str = "eval"
-    record_episodes: int = 0
-    metrics_fn: Any = None
-
-    def plan(self, step: int, num_workers: int) -> list[Chunk]:
-        """The chunks of the evaluation at ``step`` (see ``planning``)."""
-        return plan_chunks(
-            self.members,
-            seed=self.seed,
-            step=step,
-            num_workers=num_workers,
-            envs_per_worker=self.envs_per_worker,
-            record_episodes=self.record_episodes,
-        )
-
-    def summarize(
-        self, batches: list, step: int, *, seconds: float, worker_restarts: int
-    ) -> EvalResult:
-        """The evaluation's result from its chunks' episodes."""
-        episodes = EpisodeData.from_batches(batches, list(self.members))
-        metrics = aggregate(
-            episodes,
-            prefix=self.prefix,
-            step=step,
-            seconds=seconds,
-            worker_restarts=worker_restarts,
-            seed=self.seed,
-            metrics_fn=self.metrics_fn,
-        )
-        return EvalResult(metrics, episodes)
-
-
-@dataclass
-class EvalRequest:
-    seq: int  # the driver's numbering: requests run in this order
-    step: int
-    weights: list | None  # [ObjectRef] of the weights payload, or None
-    replaceable: bool = False  # busy_policy="latest": a newer request may replace it
 
 
 class WorkerPool:
     """Owns ``num_workers`` ``RemoteWorker`` actors and runs evaluations on them."""
 
     def __init__(
-        self, config: PoolConfig, worker_config_blob: bytes, policy_blob: bytes | None
+        self,
+        config: PoolConfig,
+        plan: EvaluationPlan,
+        worker_config_blob: bytes,
+        policy_blob: bytes | None,
     ) -> None:
         self._config = config
-        self._worker_config_blob = worker_config_blob
-        self._policy_blob = policy_blob
+        self._plan = plan
+        # The workers' start-up arguments stay here for the pool's whole life; a
+        # worker, at every (re)start, asks the pool for them. Passed as constructor
+        # arguments, large ones would sit in the object store, and a worker that
+        # Ray restarts later could find them gone (ray#53727).
+        self._startup_args = [ray.put(worker_config_blob), ray.put(policy_blob)]
+        self._handle = ray.get_runtime_context().current_actor
         self._pg = None
         if config.placement is not None:
             bundles = [dict(config.worker_resources) for _ in range(config.num_workers)]
@@ -113,8 +83,7 @@ class WorkerPool:
         self._causes = [""] * config.num_workers  # what killed each one last
         self._where = [(0, "")] * config.num_workers  # (pid, node id) when last seen
         self._recovering: dict[int, asyncio.Future] = {}  # worker -> wait for its restart
-        self._next_seq = 0
-        self._newest_replaceable = -1
+        self._order = RequestOrder()
         self._turn = asyncio.Condition()
 
     # -- workers ---------------------------------------------------------------
@@ -134,7 +103,7 @@ class WorkerPool:
                 self._pg, placement_group_bundle_index=index
             )
         actor_cls = ray.remote(RemoteWorker)
-        return actor_cls.options(**options).remote(self._worker_config_blob, self._policy_blob)
+        return actor_cls.options(**options).remote(self._handle)
 
     def _replace_worker(self, index: int) -> None:
         task = self._recovering.pop(index, None)
@@ -182,7 +151,7 @@ class WorkerPool:
             try:
                 infos.append(call.result())
             except RayTaskError as error:
-                raise _cause(error) from None
+                raise remote_cause(error) from None
             except RayActorError as error:
                 raise WorkerStartupError(
                     f"worker {index} died while building its env and policy (its process "
@@ -191,6 +160,10 @@ class WorkerPool:
                 ) from None
             self._where[index] = (infos[-1].pid, infos[-1].node_id)
         return infos
+
+    def startup_args(self) -> list:
+        """Refs to the workers' pickled config and policy (asked for by each worker)."""
+        return self._startup_args
 
     def actor_ids(self) -> list[str]:
         return [w._actor_id.hex() for w in self._workers]
@@ -207,27 +180,37 @@ class WorkerPool:
     # -- evaluations -------------------------------------------------------------
 
     async def evaluate(self, request: EvalRequest) -> EvalResult | None:
-        """Run one evaluation; ``None`` if a newer request replaced it before it started."""
-        if request.replaceable:
-            self._newest_replaceable = max(self._newest_replaceable, request.seq)
-        async with self._turn:
-            await self._turn.wait_for(lambda: self._next_seq == request.seq)
-        try:
-            if request.replaceable and self._newest_replaceable > request.seq:
-                return None
-            return await self._evaluate(request)
-        finally:
-            async with self._turn:
-                self._next_seq = request.seq + 1
-                self._turn.notify_all()
+        """Run one evaluation, after every earlier-numbered request.
 
-    async def _evaluate(self, request: EvalRequest) -> EvalResult:
-        started = time.perf_counter()
-        chunks = self._config.plan(request.step, num_workers=len(self._workers))
-        batches, restarts = await self._run_chunks(chunks, request)
-        return self._config.summarize(
-            batches, request.step, seconds=time.perf_counter() - started, worker_restarts=restarts
-        )
+        Returns ``None`` if a newer request replaced it before it started
+        (``busy_policy="latest"``). Cancelling it (``ray.cancel`` on its ref)
+        while it waits or runs lets the next request go.
+        """
+        self._order.arrived(request)
+        if self._order.is_passed(request.seq):
+            return None  # the driver gave up on it (cancelled before it got here)
+        try:
+            async with self._turn:
+                await self._turn.wait_for(lambda: self._order.is_turn(request.seq))
+            if self._order.is_replaced(request):
+                return None
+            started = time.perf_counter()
+            chunks = self._plan.chunks(request.step, num_workers=len(self._workers))
+            batches, restarts = await self._run_chunks(chunks, request)
+            return self._plan.summarize(
+                batches,
+                request.step,
+                seconds=time.perf_counter() - started,
+                worker_restarts=restarts,
+            )
+        finally:
+            await self.skip(request.seq)
+
+    async def skip(self, seq: int) -> None:
+        """Request ``seq`` is over, or will never come (the driver saw it cancelled)."""
+        async with self._turn:
+            self._order.finish(seq)
+            self._turn.notify_all()
 
     async def _run_chunks(self, chunks: list[Chunk], request: EvalRequest):
         """Hand chunks to workers as they free up; re-run a dead worker's chunk.
@@ -236,18 +219,30 @@ class WorkerPool:
         it (``_until_back``): a call to a restarting actor fails at once, and
         must not count as another death.
         """
-        timeout = self._config.timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = self._plan.deadline(time.monotonic())
         self._collect_recovered()
         queue = deque(chunks)
         free = deque(i for i in range(len(self._workers)) if i not in self._recovering)
         running: dict[asyncio.Future, tuple[int, Chunk]] = {}
+        refs: dict[asyncio.Future, ray.ObjectRef] = {}
+        try:
+            return await self._run_queue(queue, free, running, refs, request, deadline)
+        except asyncio.CancelledError:
+            # The evaluation was cancelled: chunks not started yet are dropped,
+            # running ones finish on their worker and are discarded.
+            for ref in refs.values():
+                ray.cancel(ref)
+            raise
+
+    async def _run_queue(self, queue, free, running, refs, request, deadline):
+        timeout = self._plan.timeout
         batches, restarts = [], 0
         while queue or running:
             while queue and free:
                 index, chunk = free.popleft(), queue.popleft()
                 ref = self._workers[index].run_chunk.remote(chunk, request.weights)
-                running[asyncio.wrap_future(ref.future())] = (index, chunk)
+                future = asyncio.wrap_future(ref.future())
+                running[future], refs[future] = (index, chunk), ref
             recovering = {task: index for index, task in self._recovering.items()}
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, _ = await asyncio.wait(
@@ -278,6 +273,7 @@ class WorkerPool:
                     free.append(index)
                     continue
                 index, chunk = running.pop(future)
+                del refs[future]
                 try:
                     batch = future.result()
                 except RayActorError as error:
@@ -295,7 +291,7 @@ class WorkerPool:
                     queue.appendleft(chunk)  # same seeds: the re-run gives the same episodes
                     self._recovering[index] = asyncio.ensure_future(self._until_back(index))
                 except RayTaskError as error:
-                    raise _cause(error) from None
+                    raise remote_cause(error) from None
                 else:
                     batch.worker = index
                     batches.append(batch)
@@ -347,11 +343,6 @@ class WorkerPool:
         for future, (index, _chunk) in running.items():
             future.cancel()
             self._replace_worker(index)
-
-
-def _cause(error: RayTaskError) -> BaseException:
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, BaseException) else error
 
 
 def _death_cause(error: BaseException) -> str:

@@ -9,7 +9,6 @@ so a result is reproducible) and returns the record the results file keeps.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -19,7 +18,9 @@ from typing import Any
 from ray_eval.checkpoints import CheckpointError, load_weights, step_of
 from ray_eval.config import EvalConfig
 from ray_eval.display import progress, result_line
+from ray_eval.errors import one_line
 from ray_eval.loggers import build_loggers, close_loggers, logging_callback
+from ray_eval.ray_session import connect
 
 log = logging.getLogger("ray_eval")
 _NO_CLUSTER = {"nodes": 0, "cpus": 0, "gpus": 0}
@@ -102,7 +103,7 @@ class EvalJob:
                         f"checkpoint {path} does not fit the policy: {error}"
                     ) from None
                 raise EvaluationFailed(
-                    f"evaluation of {what} failed: {type(error).__name__}: {_one_line(error)}"
+                    f"evaluation of {what} failed: {type(error).__name__}: {one_line(error)}"
                 ) from error
         record = self._record(result, path, step, time.perf_counter() - started)
         log.info("%s", result_line(record))
@@ -131,7 +132,7 @@ class EvalJob:
 
         config, workers = self.config, self.config.workers
         if workers.num_workers != 0:
-            self._connected = connect_ray(self._address)
+            self._connected = connect(self._address, log_to_driver=False)
         try:
             evaluator = Evaluator(
                 config.env.build(),
@@ -155,7 +156,7 @@ class EvalJob:
             )
         except Exception as error:
             raise EvaluationFailed(
-                f"could not start the evaluator: {type(error).__name__}: {_one_line(error)}"
+                f"could not start the evaluator: {type(error).__name__}: {one_line(error)}"
             ) from error
         where = f"{evaluator.num_workers} Ray worker(s)" if evaluator.num_workers else "in-process"
         log.info("evaluator ready: %s, %s episodes per evaluation", where, config.num_trajectories)
@@ -180,29 +181,6 @@ class EvalJob:
         self.close()
 
 
-def connect_ray(address: str | None) -> bool:
-    """Connect to ``address`` (``auto``: a cluster started on this machine) or to
-    ``$RAY_ADDRESS`` (set by ``ray job submit``); else start a quiet local Ray.
-    True when this connected (``close`` then disconnects)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, logging_level=logging.WARNING)
-        log.info("connected to the Ray cluster at %s", address or os.environ["RAY_ADDRESS"])
-        return True  # disconnect at the end; the cluster keeps running
-    ray.init(
-        address="local",  # a new instance, even if `ray start` left a cluster address behind
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
-    log.info("started a local Ray instance (%s CPUs)", os.cpu_count())
-    return True
-
-
 def cluster_size() -> dict:
     """Alive nodes, CPUs and GPUs of the Ray cluster (zeros in-process)."""
     import ray
@@ -222,8 +200,3 @@ def _version() -> str:
         return metadata.version("ray_eval")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

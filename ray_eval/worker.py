@@ -158,9 +158,11 @@ class EvalWorker:
 
 class RemoteWorker(EvalWorker):
     """The Ray actor. Its config and policy arrive pickled, so that the pool
-    actor can pass them on without importing what they are made of."""
+    actor can pass them on without importing what they are made of. They are
+    asked from the pool, which keeps them: a restarted worker rebuilds from them."""
 
-    def __init__(self, config_blob: bytes, policy_blob: bytes | None) -> None:
+    def __init__(self, pool) -> None:
+        config_blob, policy_blob = ray.get(ray.get(pool.startup_args.remote()))
         config = pickle.loads(config_blob)
         policy = pickle.loads(policy_blob) if policy_blob is not None else None
         super().__init__(config, policy)

@@ -90,7 +90,10 @@ def test_invalid_arguments_raise_at_construction(nothing_left, kwargs, error, me
 def test_policy_and_policy_factory_both_or_neither(nothing_left):
     with pytest.raises(ValueError, match="either policy or policy_factory, not both"):
         construct(SeedLengthEnv, small_policy(), policy_factory=small_policy)
-    with pytest.raises(ValueError, match=r"a policy is needed: pass policy=.*or policy_factory="):
+    with pytest.raises(
+        ValueError,
+        match=r"policy or policy_factory must be provided: pass policy=.*or policy_factory=",
+    ):
         construct(SeedLengthEnv)
     with pytest.raises(TypeError, match="policy_factory must be callable, got int"):
         construct(SeedLengthEnv, policy_factory=3)

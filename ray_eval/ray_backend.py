@@ -1,0 +1,144 @@
+"""Evaluations on a Ray worker pool: the one ``ray.put`` of the weights happens here.
+
+``RayBackend`` starts a ``WorkerPool`` actor on the driver's node (which starts
+the workers) and turns each request into a ``WorkerPool.evaluate`` call, whose
+``ObjectRef`` is the handle ``trigger_eval`` returns. Every call checks that
+Ray is still up first: a Ray call after ``ray.shutdown()`` would start a new
+Ray instance, which at interpreter exit means a process that never ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, TaskCancelledError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ray_eval.errors import (
+    EvaluationCancelled,
+    ResourceUnavailableError,
+    WorkerDiedError,
+    remote_cause,
+)
+from ray_eval.metrics import EvalResult
+from ray_eval.planning import EvalRequest, EvaluationPlan
+from ray_eval.pool import PoolConfig, WorkerPool
+from ray_eval.resources import check_resources
+from ray_eval.weights import Payload
+from ray_eval.worker import WorkerConfig, WorkerInfo
+
+
+class RayBackend:
+    """Evaluations on a ``WorkerPool`` actor and its workers."""
+
+    def __init__(
+        self, config: PoolConfig, plan: EvaluationPlan, worker_config: WorkerConfig, policy
+    ) -> None:
+        check_resources(config.worker_resources, config.num_workers)
+        # Pickled here and unpickled only by the workers: the pool actor passes
+        # them on without importing torch, TorchRL or the user's env code.
+        config_blob = ray.cloudpickle.dumps(worker_config)
+        policy_blob = ray.cloudpickle.dumps(policy) if policy is not None else None
+        here = ray.get_runtime_context().get_node_id()
+        self._pool = (
+            ray.remote(WorkerPool)
+            .options(
+                num_cpus=0,
+                max_concurrency=1000,  # shutdown, skips and queued requests while one runs
+                # On the driver's node, which it shares fate with anyway: a node that
+                # dies then takes workers only, which are restarted elsewhere. (Soft
+                # affinity is not enough: Ray places a zero-CPU actor on another node
+                # when the driver's node has no CPU, e.g. a head started with 0 CPUs.)
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+            )
+            .remote(config, plan, config_blob, policy_blob)
+        )
+        self._pool_id = self._pool._actor_id.hex()
+        self._worker_ids: list[str] = []
+        # The pool bounds the workers' start by startup_timeout; this bounds the
+        # pool's own start (a zero-CPU actor, so only a broken cluster delays it).
+        bound = config.startup_timeout + 60
+        try:
+            self.workers: list[WorkerInfo] = ray.get(self._pool.start.remote(), timeout=bound)
+            self._worker_ids = ray.get(self._pool.actor_ids.remote(), timeout=60)
+        except GetTimeoutError:
+            self.shutdown(timeout=5)
+            raise ResourceUnavailableError(
+                f"the evaluator's pool actor did not start within {bound:g} s"
+            ) from None
+        except BaseException as error:
+            self.shutdown(timeout=5)
+            raise remote_cause(error) from None
+
+    @property
+    def actor_ids(self) -> list[str]:
+        """The pool actor and its current workers (a replaced worker's successor included)."""
+        if self._pool is None or not ray.is_initialized():
+            return []
+        with contextlib.suppress(Exception):
+            self._worker_ids = ray.get(self._pool.actor_ids.remote(), timeout=30)
+        return [self._pool_id, *self._worker_ids]
+
+    def submit(self, request: EvalRequest, payload: Payload | None) -> ray.ObjectRef:
+        _check_ray_up()
+        if payload is not None:
+            # One put per evaluation; every worker gets this same ref.
+            request.weights = [ray.put(payload)]
+        return self._pool.evaluate.remote(request)
+
+    @staticmethod
+    def ready(handles: list, timeout: float | None) -> list:
+        if not handles:
+            return []
+        _check_ray_up()
+        done, _ = ray.wait(handles, num_returns=len(handles), timeout=timeout, fetch_local=False)
+        return done
+
+    @staticmethod
+    def result(handle: ray.ObjectRef) -> EvalResult | None:
+        """The finished evaluation's result; raises what it raised."""
+        _check_ray_up()
+        try:
+            return ray.get(handle)
+        except TaskCancelledError:
+            raise EvaluationCancelled("the evaluation was cancelled") from None
+        except RayActorError as error:  # the pool actor itself is gone
+            raise WorkerDiedError(
+                f"the evaluator's pool actor died, and its workers with it; create a new "
+                f"Evaluator. Cause: {' '.join(str(error).split())}",
+                cause=str(error),
+            ) from None
+        except BaseException as error:
+            raise remote_cause(error) from None
+
+    def skip(self, seq: int) -> None:
+        """Tell the pool that request ``seq`` will not come (it was cancelled on its way)."""
+        if self._pool is not None and ray.is_initialized():
+            self._pool.skip.remote(seq)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the pool and its workers (waits up to ``timeout`` for a clean stop)."""
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is None or not ray.is_initialized():
+            return
+        # Killing the pool below takes its workers with it (they share its fate).
+        with contextlib.suppress(Exception):
+            ray.get(pool.shutdown.remote(), timeout=timeout)
+        with contextlib.suppress(Exception):
+            ray.kill(pool, no_restart=True)
+
+    def abandon(self) -> None:
+        """Stop without waiting for anything (finalizers, interpreter exit)."""
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is not None and ray.is_initialized():
+            with contextlib.suppress(Exception):
+                ray.kill(pool, no_restart=True)
+
+
+def _check_ray_up() -> None:
+    if not ray.is_initialized():
+        raise RuntimeError(
+            "Ray was shut down while this Evaluator was alive; create a new Evaluator "
+            "(ray_eval never starts Ray again behind your back)"
+        )
