@@ -35,7 +35,8 @@ from ray_eval.options import (
 )
 from ray_eval.pickling import check_picklable
 from ray_eval.planning import EvalRequest
-from ray_eval.weights import WeightsLike, check_payload, to_payload
+from ray_eval.torchrl_args import check_torchrl_arguments
+from ray_eval.weights import WeightsLike, payloads
 
 log = logging.getLogger("ray_eval")
 
@@ -97,9 +98,23 @@ class Evaluator:
         video_logger: Any = None,
         fast_path: bool = True,
         max_unread_results: int | None = 100,
+        episode_metrics_fn: Callable[[EpisodeData], dict] | None = None,
+        # TorchRL's own arguments (see torchrl_args and the README's TorchRL section):
+        dump_video: bool = True,
+        reward_keys: Any = None,
+        done_keys: Any = None,
+        frames_per_batch: int | None = None,
+        collector_kwargs: dict[str, Any] | None = None,
+        episode_sampling: str = "per_env",
+        init_fn: Callable[[], Any] | None = None,
+        num_gpus: float | None = None,
+        ray_kwargs: dict[str, Any] | None = None,
+        collector_cls: Any = None,
+        weight_sync_schemes: Any = None,
     ) -> None:
         args = locals()
         check_arguments(args)
+        check_torchrl_arguments(args)
         factories = env_factories(env, render=record_video > 0)
         use_ray = BACKENDS[backend] == "ray" and num_workers != 0
         worker_config, plan = build_configs(args, factories, use_ray=use_ray)
@@ -109,7 +124,7 @@ class Evaluator:
         self._seq = 0
         self._closed = False
         if use_ray:
-            for what in ("policy", "policy_factory", "metrics_fn"):
+            for what in ("policy", "policy_factory", "metrics_fn", "episode_metrics_fn", "init_fn"):
                 check_picklable(args[what], what)
             check_picklable(factories, "env")
             ray_session.connect()
@@ -127,15 +142,29 @@ class Evaluator:
 
     # -- requests ------------------------------------------------------------------
 
-    def evaluate(self, weights: WeightsLike | None = None, step: int | None = None) -> dict:
+    def evaluate(
+        self,
+        weights: WeightsLike | None = None,
+        step: int | None = None,
+        *,
+        weights_dict: Mapping[str, WeightsLike] | None = None,
+    ) -> dict:
         """Run one evaluation and return its metrics (blocking).
 
+        ``weights_dict`` is TorchRL's ``{model id: weights}``: ``"policy"`` (what
+        ``weights`` fills when absent) and env parts such as ``"env.transform[0]"``.
         While async evaluations are pending this waits for its turn (requests
         run in order), or raises under ``busy_policy="error"``.
         """
-        return self._delivery.outcome(self._request(weights, step, sync=True))
+        return self._delivery.outcome(self._request(weights, weights_dict, step, sync=True))
 
-    def trigger_eval(self, weights: WeightsLike | None = None, step: int | None = None):
+    def trigger_eval(
+        self,
+        weights: WeightsLike | None = None,
+        step: int | None = None,
+        *,
+        weights_dict: Mapping[str, WeightsLike] | None = None,
+    ):
         """Start an evaluation in the background and return its handle at once.
 
         Returns a ``ray.ObjectRef`` resolving to the same dict ``poll``/``wait``
@@ -143,10 +172,10 @@ class Evaluator:
         request was skipped (``busy_policy="skip"``). The weights are copied
         before this returns: the trainer may change them right away.
         """
-        request = self._request(weights, step, sync=False)
+        request = self._request(weights, weights_dict, step, sync=False)
         return None if request is None else request.handle
 
-    def _request(self, weights, step, *, sync: bool) -> Request | None:
+    def _request(self, weights, weights_dict, step, *, sync: bool) -> Request | None:
         with self._submit_lock:
             if self._closed:
                 raise RuntimeError("this Evaluator was shut down; create a new one")
@@ -158,16 +187,14 @@ class Evaluator:
                 )
             if self._delivery.busy and self._busy_policy == "skip" and not sync:
                 return None
-            payload = None
-            if weights is not None:
-                payload = to_payload(weights, copy=isinstance(self._backend, LocalBackend))
-                check_payload(payload, self._param_spec)
+            copy = isinstance(self._backend, LocalBackend)
+            payload, env_state = payloads(weights, weights_dict, self._param_spec, copy=copy)
             counted = step is None  # only a step the evaluator picked advances its counter
             step = self._step_counter if counted else check_step(step)
             request = EvalRequest(
                 seq=self._seq, step=step, replaceable=self._busy_policy == "latest" and not sync
             )
-            handle = self._backend.submit(request, payload)
+            handle = self._backend.submit(request, payload, env_state)
             self._seq += 1
             self._step_counter += counted
             delivered = Request(handle, request.seq, step, sync)

@@ -24,7 +24,7 @@ import torch
 from ray_eval.errors import EvaluationCancelled, EvaluationTimeout
 from ray_eval.metrics import EvalResult
 from ray_eval.planning import EvalRequest, EvaluationPlan, RequestOrder
-from ray_eval.weights import Payload
+from ray_eval.weights import EnvState, Payload
 from ray_eval.worker import EvalWorker, WorkerConfig
 
 
@@ -50,10 +50,12 @@ class LocalBackend:
     def _new_worker(self) -> EvalWorker:
         return EvalWorker(self._worker_config, _copy_or_same(self._policy))
 
-    def submit(self, request: EvalRequest, payload: Payload | None) -> Future:
+    def submit(
+        self, request: EvalRequest, payload: Payload | None, env_state: EnvState | None = None
+    ) -> Future:
         future: Future = Future()
         self._order.arrived(request)
-        self._requests.put((request, payload, future))
+        self._requests.put((request, (payload, env_state), future))
         return future
 
     @staticmethod
@@ -156,11 +158,15 @@ class _Runner:
             if self.worker is None:
                 self.worker = backend._new_worker()
             started = time.perf_counter()
-            self.worker.load_weights(payload, identity=("local", request.seq))
+            weights, env_state = payload
+            self.worker.load_weights(weights, identity=("local", request.seq))
+            self.worker.load_env_state(env_state)
             batches = [self.worker.run(chunk) for chunk in plan.chunks(request.step, 1)]
             result = plan.summarize(
                 batches, request.step, seconds=time.perf_counter() - started, worker_restarts=0
             )
+            if plan.dump_video:
+                self.worker.dump_videos(request.step, list(plan.members))
         except BaseException as error:
             backend.settle(future, error=error)
         else:

@@ -144,7 +144,9 @@ def _scalar(key: str, value) -> float | int:
             raise ValueError
         return array.item()
     except (TypeError, ValueError):
-        raise TypeError(f"metrics_fn returned a non-scalar for {key!r}: {value!r}") from None
+        raise TypeError(
+            f"episode_metrics_fn returned a non-scalar for {key!r}: {value!r}"
+        ) from None
 
 
 class EvalResult(dict):

@@ -79,7 +79,7 @@ def check_arguments(a: dict[str, Any]) -> None:
             "module, an nn.Module or a callable) or policy_factory=... (built inside "
             "each worker)"
         )
-    for name in ("policy_factory", "on_result", "metrics_fn"):
+    for name in ("policy_factory", "on_result", "metrics_fn", "episode_metrics_fn"):
         check_callable(name, a[name])
     check_seconds("timeout", a["timeout"])
     check_seconds("startup_timeout", a["startup_timeout"])
@@ -134,6 +134,9 @@ def build_configs(
         info_keys=tuple(a["info_keys"]),
         render=a["record_video"] > 0,
         torch_threads=1 if use_ray else None,  # in-process: 1 while a rollout runs
+        init_fn=a["init_fn"],
+        record_trajectories=a["metrics_fn"] is not None,
+        reward_keys=a["reward_keys"],
     )
     plan = EvaluationPlan(
         members={name: a["num_trajectories"] for name in factories},
@@ -142,7 +145,10 @@ def build_configs(
         prefix=a["log_prefix"],
         record_episodes=a["record_video"],
         timeout=a["timeout"],
+        episode_metrics_fn=a["episode_metrics_fn"],
         metrics_fn=a["metrics_fn"],
+        traj_format=(a["collector_kwargs"] or {}).get("traj_format", "pad"),
+        dump_video=bool(a["dump_video"]),
     )
     return worker_config, plan
 
@@ -150,12 +156,13 @@ def build_configs(
 def pool_config(a: dict[str, Any], factories: dict[str, Any]) -> PoolConfig:
     """How many workers, with which resources, placed how (connects to Ray first)."""
     cpus = a["num_cpus_per_worker"]
-    resources = {"CPU": cpus, "GPU": a["num_gpus_per_worker"]}
+    gpus = a["num_gpus_per_worker"] if a["num_gpus"] is None else a["num_gpus"]  # TorchRL's name
+    resources = {"CPU": cpus, "GPU": gpus}
     return PoolConfig(
         num_workers=a["num_workers"]
         or default_num_workers(cpus, a["num_trajectories"] * len(factories)),
         worker_resources={**resources, **(a["resources_per_worker"] or {})},
-        actor_options=dict(a["actor_options"] or {}),
+        actor_options={**(a["ray_kwargs"] or {}), **(a["actor_options"] or {})},
         max_restarts=a["max_restarts"],
         startup_timeout=a["startup_timeout"],
         placement=a["placement"],

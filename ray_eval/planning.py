@@ -105,7 +105,10 @@ class EvaluationPlan:
     prefix: str = "eval"
     record_episodes: int = 0
     timeout: float | None = None  # seconds an evaluation may run, from its start
-    metrics_fn: Any = None  # fn(EpisodeData) -> {name: scalar}
+    episode_metrics_fn: Any = None  # fn(EpisodeData) -> {name: scalar}
+    metrics_fn: Any = None  # TorchRL's: fn(trajectories TensorDict) -> {name: value}
+    traj_format: str = "pad"  # how metrics_fn gets the trajectories: "pad" [N, T] or "cat"
+    dump_video: bool = False  # dump the envs' video transforms after each evaluation
 
     def chunks(self, step: int, num_workers: int) -> list[Chunk]:
         """The chunks of the evaluation at ``step``."""
@@ -134,9 +137,25 @@ class EvaluationPlan:
             seconds=seconds,
             worker_restarts=worker_restarts,
             seed=self.seed,
-            metrics_fn=self.metrics_fn,
+            metrics_fn=self.episode_metrics_fn,
         )
+        if self.metrics_fn is not None:
+            from ray_eval.trajectories import trajectories
+
+            batches = sorted(
+                batches, key=lambda b: (list(self.members).index(b.member), b.indices[0])
+            )
+            custom = self.metrics_fn(trajectories(batches, self.traj_format))
+            metrics.update({f"{self.prefix}/{k}": v for k, v in dict(custom).items()})
         return EvalResult(metrics, episodes)
+
+    def video_makers(self, batches: list) -> dict[int, list[str]]:
+        """Which worker dumps which members' videos: the one that ran episode 0."""
+        makers: dict[int, list[str]] = {}
+        for batch in batches:
+            if int(batch.indices[0]) == 0:
+                makers.setdefault(batch.worker, []).append(batch.member)
+        return makers
 
 
 @dataclass
@@ -146,6 +165,7 @@ class EvalRequest:
     seq: int  # the driver's numbering: requests run in this order
     step: int
     weights: list | None = None  # [ObjectRef] of the weights payload, or None
+    env_state: list | None = None  # [ObjectRef] of env parts' states (weights_dict), or None
     replaceable: bool = False  # busy_policy="latest": a newer request may replace it
 
 

@@ -85,6 +85,7 @@ class WorkerPool:
         self._recovering: dict[int, asyncio.Future] = {}  # worker -> wait for its restart
         self._order = RequestOrder()
         self._turn = asyncio.Condition()
+        self._dumps_video = False  # some worker's env has a video transform to dump
 
     # -- workers ---------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class WorkerPool:
                     f"times). Cause: {_death_cause(error)}"
                 ) from None
             self._where[index] = (infos[-1].pid, infos[-1].node_id)
+        self._dumps_video = any(info.dumps_video for info in infos)
         return infos
 
     def startup_args(self) -> list:
@@ -197,12 +199,21 @@ class WorkerPool:
             started = time.perf_counter()
             chunks = self._plan.chunks(request.step, num_workers=len(self._workers))
             batches, restarts = await self._run_chunks(chunks, request)
-            return self._plan.summarize(
+            result = self._plan.summarize(
                 batches,
                 request.step,
                 seconds=time.perf_counter() - started,
                 worker_restarts=restarts,
             )
+            if self._plan.dump_video and self._dumps_video:
+                makers = self._plan.video_makers(batches)
+                await asyncio.gather(
+                    *(
+                        worker.dump_videos.remote(request.step, makers.get(index, []))
+                        for index, worker in enumerate(self._workers)
+                    )
+                )
+            return result
         finally:
             await self.skip(request.seq)
 
@@ -240,7 +251,9 @@ class WorkerPool:
         while queue or running:
             while queue and free:
                 index, chunk = free.popleft(), queue.popleft()
-                ref = self._workers[index].run_chunk.remote(chunk, request.weights)
+                ref = self._workers[index].run_chunk.remote(
+                    chunk, request.weights, request.env_state
+                )
                 future = asyncio.wrap_future(ref.future())
                 running[future], refs[future] = (index, chunk), ref
             recovering = {task: index for index, task in self._recovering.items()}

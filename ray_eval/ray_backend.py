@@ -25,7 +25,7 @@ from ray_eval.metrics import EvalResult
 from ray_eval.planning import EvalRequest, EvaluationPlan
 from ray_eval.pool import PoolConfig, WorkerPool
 from ray_eval.resources import check_resources
-from ray_eval.weights import Payload
+from ray_eval.weights import EnvState, Payload
 from ray_eval.worker import WorkerConfig, WorkerInfo
 
 
@@ -80,11 +80,15 @@ class RayBackend:
             self._worker_ids = ray.get(self._pool.actor_ids.remote(), timeout=30)
         return [self._pool_id, *self._worker_ids]
 
-    def submit(self, request: EvalRequest, payload: Payload | None) -> ray.ObjectRef:
+    def submit(
+        self, request: EvalRequest, payload: Payload | None, env_state: EnvState | None = None
+    ) -> ray.ObjectRef:
         _check_ray_up()
         if payload is not None:
             # One put per evaluation; every worker gets this same ref.
             request.weights = [ray.put(payload)]
+        if env_state is not None:
+            request.env_state = [ray.put(env_state)]
         return self._pool.evaluate.remote(request)
 
     @staticmethod

@@ -10,6 +10,7 @@ key and shape (``TensorDict.to_module`` alone would accept a wrong shape).
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 
@@ -110,3 +111,82 @@ def load_payload(targets: dict[str, torch.Tensor], payload: Payload) -> None:
         warnings.simplefilter("ignore", UserWarning)
         for key, tensor in targets.items():
             tensor.copy_(torch.from_numpy(payload[key]))
+
+
+EnvState = dict[str, dict]  # model id ("env.transform[0]") -> its state_dict
+
+
+def payloads(
+    weights: WeightsLike | None,
+    weights_dict: Mapping | None,
+    spec: ParamSpec,
+    *,
+    copy: bool,
+) -> tuple[Payload | None, EnvState | None]:
+    """The policy's payload and the env parts' states of one request, checked.
+
+    ``weights_dict`` is TorchRL's ``{model id: weights}``: ``"policy"`` is the
+    policy (``weights`` fills it when absent); ids starting with ``"env"`` name
+    a part of every env copy, e.g. ``"env.transform[0]"`` for a ``VecNormV2``
+    whose statistics must travel with the weights (its state_dict, extra state
+    included, is loaded into each copy).
+    """
+    parts = dict(weights_dict or {})
+    if weights is not None:
+        parts.setdefault("policy", weights)
+    policy = parts.pop("policy", None)
+    payload = None
+    if policy is not None:
+        payload = to_payload(policy, copy=copy)
+        check_payload(payload, spec)
+    env_state = {}
+    for key, value in parts.items():
+        if not isinstance(key, str) or not (key == "env" or key.startswith(("env.", "env["))):
+            raise ValueError(
+                f"weights_dict key {key!r}: ray_eval loads 'policy' and parts of the env "
+                f"named from it, e.g. 'env.transform[0]'"
+            )
+        env_state[key] = _state_of(key, value)
+    return payload, env_state or None
+
+
+def _state_of(key: str, value) -> dict:
+    if isinstance(value, nn.Module):
+        state = value.state_dict()
+    elif isinstance(value, TensorDictBase):
+        state = value.to_dict()
+    elif isinstance(value, Mapping):
+        state = dict(value)
+    else:
+        raise TypeError(
+            f"weights_dict[{key!r}] must be an nn.Module, a TensorDict or a state_dict, "
+            f"got {type(value).__name__}"
+        )
+    return {
+        k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()
+    }
+
+
+def resolve_part(env, key: str):
+    """The part of ``env`` that model id ``key`` names (``"env.transform[0]"``)."""
+    target = env
+    path = key[len("env") :]
+    for token in re.findall(r"\.(\w+)|\[(\d+)\]", path):
+        attribute, index = token
+        try:
+            target = getattr(target, attribute) if attribute else target[int(index)]
+        except (AttributeError, IndexError, KeyError, TypeError):
+            raise ValueError(
+                f"weights_dict key {key!r}: the env ({type(env).__name__}) has no "
+                f"{'.' + attribute if attribute else f'[{index}]'} there"
+            ) from None
+    return target
+
+
+def load_env_state(env, env_state: EnvState) -> None:
+    """Load each part's state into ``env`` (one env copy)."""
+    for key, state in env_state.items():
+        part = resolve_part(env, key)
+        if not isinstance(part, nn.Module):
+            raise ValueError(f"weights_dict key {key!r} names a {type(part).__name__}")
+        part.load_state_dict(state)

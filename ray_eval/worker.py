@@ -39,6 +39,9 @@ class WorkerConfig:
     info_keys: tuple[str, ...] = ()
     torch_threads: int | None = 1
     render: bool = False  # build envs that can render frames (video)
+    init_fn: Any = None  # TorchRL's init_fn: called first thing in each worker process
+    record_trajectories: bool = False  # keep every step of every episode (TorchRL's metrics_fn)
+    reward_keys: Any = None  # TorchRL's reward_keys: what a return sums (TorchRL envs)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class WorkerInfo:
     device: str
     param_spec: ParamSpec
     rollouts: dict[str, str] = field(default_factory=dict)  # member -> loop used
+    dumps_video: bool = False  # some env has a video transform to dump after each evaluation
 
 
 class EvalWorker:
@@ -65,6 +69,8 @@ class EvalWorker:
         self._init_error: Exception | None = None
         self._loaded: object = None  # identity of the weights now in the policy
         self._targets: dict = {}
+        self._env_state: dict | None = None  # env parts' states to load (weights_dict)
+        self._env_state_in: set[int] = set()  # ids of the env copies that have it
         self.rollouts: dict = {}
         try:
             self._build(config, policy)
@@ -75,6 +81,7 @@ class EvalWorker:
         import torch
         from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+        from ray_eval.env_parts import FrozenNormalization, freeze_normalization
         from ray_eval.envs import build_env, check_action, make_rollout
         from ray_eval.policies import build_policy, prepare_policy
         from ray_eval.video import check_renders
@@ -88,12 +95,13 @@ class EvalWorker:
         self.policy = None
         for member, factory in config.env_factories.items():
             env = build_env(factory)
+            freeze_normalization(env)  # evaluating never updates normalization statistics
             if self.policy is None:
                 self.policy = prepare_policy(
                     build_policy(policy, config.policy_factory, env), self.device
                 )
             rollout = make_rollout(
-                factory,
+                FrozenNormalization(factory),
                 env,
                 self.policy,
                 batch_size=config.envs_per_worker,
@@ -114,6 +122,8 @@ class EvalWorker:
         }
 
     def describe(self) -> WorkerInfo:
+        from ray_eval.env_parts import video_dumpers
+
         if self._init_error is not None:
             raise self._init_error
         return WorkerInfo(
@@ -122,7 +132,38 @@ class EvalWorker:
             device=str(self.device),
             param_spec={k: (tuple(v.shape), str(v.dtype)) for k, v in self._targets.items()},
             rollouts={m: type(r).__name__ for m, r in self.rollouts.items()},
+            dumps_video=any(video_dumpers(e) for e in self._env_copies()),
         )
+
+    def _env_copies(self) -> list:
+        return [env for rollout in self.rollouts.values() for env in rollout._envs]
+
+    def load_env_state(self, env_state: dict | None) -> None:
+        """Load env parts' states (``weights_dict``) into every env copy, now and later."""
+        if env_state is not None:
+            self._env_state, self._env_state_in = env_state, set()
+
+    def _apply_env_state(self) -> None:
+        from ray_eval.weights import load_env_state
+
+        if self._env_state is None:
+            return
+        for env in self._env_copies():
+            if id(env) not in self._env_state_in:
+                load_env_state(env, self._env_state)
+                self._env_state_in.add(id(env))
+
+    def dump_videos(self, step: int, members: list[str]) -> None:
+        """After an evaluation: copy 0 of each member in ``members`` dumps its video
+        at ``step``; every other copy drops what it buffered."""
+        from ray_eval.env_parts import discard_videos, dump_videos
+
+        for member, rollout in self.rollouts.items():
+            for slot, env in enumerate(rollout._envs):
+                if slot == 0 and member in members:
+                    dump_videos(env, step)
+                else:
+                    discard_videos(env)
 
     def load_weights(self, payload: dict | None, identity: object = None) -> None:
         """Load ``payload`` (``None``: the weights the policy was built with)."""
@@ -143,6 +184,10 @@ class EvalWorker:
 
         if self._init_error is not None:
             raise self._init_error
+        if self._env_state is not None:
+            rollout = self.rollouts[chunk.member]
+            rollout._env_copies(min(len(chunk), rollout.batch_size))
+            self._apply_env_state()
         # A stochastic policy draws from torch's global generator: seed it from the
         # chunk, on a forked generator so the caller's own random state (the
         # trainer's, in-process) is left as it was.
@@ -164,6 +209,9 @@ class RemoteWorker(EvalWorker):
     def __init__(self, pool) -> None:
         config_blob, policy_blob = ray.get(ray.get(pool.startup_args.remote()))
         config = pickle.loads(config_blob)
+        self._env_state_id = ""
+        if config.init_fn is not None:
+            config.init_fn()  # TorchRL's init_fn: before the env and policy are built
         policy = pickle.loads(policy_blob) if policy_blob is not None else None
         super().__init__(config, policy)
 
@@ -171,7 +219,9 @@ class RemoteWorker(EvalWorker):
         """(pid, node id): answers once the actor is up (e.g. after a restart)."""
         return os.getpid(), _node_id()
 
-    def run_chunk(self, chunk: Chunk, boxed_weights: list | None) -> EpisodeBatch:
+    def run_chunk(
+        self, chunk: Chunk, boxed_weights: list | None, boxed_env_state: list | None = None
+    ) -> EpisodeBatch:
         # The ref arrives boxed in a list so that Ray does not fetch it for every
         # chunk: a worker fetches and loads an evaluation's weights only once.
         if boxed_weights is None:
@@ -180,6 +230,11 @@ class RemoteWorker(EvalWorker):
             (ref,) = boxed_weights
             if ref.hex() != self._loaded:
                 self.load_weights(ray.get(ref), identity=ref.hex())
+        if boxed_env_state is not None:
+            (ref,) = boxed_env_state
+            if ref.hex() != self._env_state_id:
+                self.load_env_state(ray.get(ref))
+                self._env_state_id = ref.hex()
         batch = self.run(chunk)
         batch.weights_id = self._loaded or ""
         return batch
