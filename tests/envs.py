@@ -1,7 +1,7 @@
-"""Small, real gymnasium envs with known behaviour, for tests.
+"""Small, real gymnasium and TorchRL envs with known behaviour, for tests.
 
-conftest registers this module to be pickled by value, so Ray workers can
-build these envs without the tests directory on their path.
+The Ray workers need no tests directory on their path: ray_eval pickles this
+module by value, as it does any module that is not installed.
 """
 
 from __future__ import annotations
