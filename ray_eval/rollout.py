@@ -30,6 +30,7 @@ from tensordict import TensorDictBase
 from ray_eval.episodes import SUCCESS_KEY, EpisodeBatch
 from ray_eval.errors import EnvError
 from ray_eval.planning import Chunk
+from ray_eval.torchrl_env import seeded_reset
 
 
 class _EpisodeLog:
@@ -230,7 +231,11 @@ def _direct_step(env, max_steps: float) -> tuple[Callable, float]:
 
 
 class TorchRLRollout(_EnvSlots):
-    """Episodes on copies of a TorchRL ``EnvBase`` (transforms and specs honoured)."""
+    """Episodes on copies of a TorchRL ``EnvBase`` (transforms and specs honoured).
+
+    Each episode is seeded the way its env takes a seed (``reset(seed=...)`` or
+    ``set_seed`` then ``reset()``, chosen once from the first copy).
+    """
 
     def _setup(self, first_env) -> None:
         self._observation_keys = list(first_env.observation_spec.keys(True, True))
@@ -238,6 +243,7 @@ class TorchRLRollout(_EnvSlots):
         self.reward_key = first_env.reward_key
         done_keys = first_env.done_keys
         self.done_key = "done" if "done" in done_keys else done_keys[0]
+        self._reset = seeded_reset(first_env)
 
     def close(self) -> None:
         for env in self._envs:
@@ -263,7 +269,7 @@ class TorchRLRollout(_EnvSlots):
             slot_length[slot] = 0
             slot_info[slot] = dict.fromkeys(self._info_keys, 0.0)
             try:
-                slot_td[slot] = envs[slot].reset(seed=log.seeds[i]).select(*keys)
+                slot_td[slot] = self._reset(envs[slot], log.seeds[i]).select(*keys)
                 if log.record[i]:
                     log.frames[i] = [_render(envs[slot])]
             except Exception as error:

@@ -11,6 +11,10 @@ import time
 
 import gymnasium as gym
 import numpy as np
+import torch
+from tensordict import TensorDict
+from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.envs import EnvBase
 
 
 def take_fault(path: str | None, times: int = 1) -> bool:
@@ -118,3 +122,67 @@ class SeedLengthEnv(gym.Env):
 
 class NotAnEnv:
     """What a broken env factory returns."""
+
+
+# -- TorchRL-native envs ------------------------------------------------------------------
+
+
+class SeededCountdownEnv(EnvBase):
+    """A TorchRL-native env seeded only through ``set_seed``, as TorchRL's own envs are.
+
+    ``_reset`` takes no ``seed`` (it would swallow one in ``**kwargs``): each
+    reset draws the episode's length (1..20), its start observation and its
+    reward scale from the generator that ``_set_seed`` made. With the same
+    ``set_seed`` before each reset, an episode is a function of its seed and the
+    policy's actions only. The step TensorDict carries ``is_success`` (the
+    episode's length is even) and ``speed`` (always 2.0).
+    """
+
+    def __init__(self, max_length: int = 20) -> None:
+        super().__init__(batch_size=torch.Size([]))
+        self.max_length = max_length
+        self.observation_spec = Composite(
+            observation=Unbounded((3,), dtype=torch.float32),
+            is_success=Categorical(2, (1,), dtype=torch.bool),
+            speed=Unbounded((1,), dtype=torch.float32),
+        )
+        self.action_spec = Bounded(-1.0, 1.0, (1,), dtype=torch.float32)
+        self.reward_spec = Unbounded((1,), dtype=torch.float32)
+        self._set_seed(0)
+
+    def _set_seed(self, seed: int | None) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def _reset(self, tensordict=None, **kwargs):
+        self._length = int(self._rng.integers(1, self.max_length + 1))
+        self._scale = float(self._rng.uniform(0.5, 1.5))
+        self._t = 0
+        self._obs = torch.as_tensor(self._rng.normal(size=3), dtype=torch.float32)
+        return TensorDict(
+            {
+                "observation": self._obs.clone(),
+                "is_success": torch.zeros(1, dtype=torch.bool),
+                "speed": torch.full((1,), 2.0),
+                "done": torch.zeros(1, dtype=torch.bool),
+                "terminated": torch.zeros(1, dtype=torch.bool),
+            },
+            batch_size=[],
+        )
+
+    def _step(self, tensordict):
+        action = tensordict.get("action")
+        self._t += 1
+        self._obs = 0.9 * self._obs + 0.1 * action
+        reward = self._scale * (1.0 - float(self._obs.abs().sum()))
+        done = self._t >= self._length
+        return TensorDict(
+            {
+                "observation": self._obs.clone(),
+                "reward": torch.tensor([reward], dtype=torch.float32),
+                "is_success": torch.tensor([done and self._length % 2 == 0]),
+                "speed": torch.full((1,), 2.0),
+                "done": torch.tensor([done]),
+                "terminated": torch.tensor([done]),
+            },
+            batch_size=[],
+        )
