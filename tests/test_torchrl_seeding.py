@@ -63,7 +63,7 @@ def test_how_an_env_is_seeded_is_read_from_its_classes(make_env, takes_seed):
 
 
 def test_live_set_seed_env_gives_the_same_numbers_for_any_worker_count(ray_local):
-    env = SeededCountdownEnv  # a factory (live instances: next commit)
+    env = SeededCountdownEnv()  # a live instance
     results = {}
     for workers in (0, 1, 2):
         with Evaluator(
@@ -89,7 +89,7 @@ def test_live_set_seed_env_gives_the_same_numbers_for_any_worker_count(ray_local
 
 def test_seed_keyword_env_is_seeded_through_reset(ray_local):
     with Evaluator(
-        SeedKeywordEnv, countdown_policy(), num_workers=1, num_trajectories=6
+        SeedKeywordEnv(), countdown_policy(), num_workers=1, num_trajectories=6
     ) as evaluator:
         evaluator.evaluate()
         episodes = evaluator.last_episodes
