@@ -4,7 +4,7 @@
 ``gymnasium.Env`` or a TorchRL ``EnvBase``, or a live env of either kind (copied
 per env slot, see ``env_instances``). Gymnasium envs with array observations
 take the vectorized fast path (``GymnasiumRollout``); so does a bare TorchRL
-``GymEnv`` (the tutorial's ``partial(GymEnv, "Pendulum-v1")``),
+``GymEnv`` or ``GymWrapper`` (the tutorial's ``partial(GymEnv, "Pendulum-v1")``),
 whose wrapper adds nothing an evaluation needs but about 0.3 ms per step. Every
 other TorchRL env, transforms included, takes the general ``TorchRLRollout``.
 """
@@ -97,8 +97,9 @@ def _name(obj) -> str:
 
 
 def unwrap_bare_gym_env(env) -> gym.Env | None:
-    """The gymnasium env inside a TorchRL ``GymEnv`` that adds nothing but the wrapper."""
-    if type(env) is not GymEnv:
+    """The gymnasium env inside a TorchRL ``GymEnv``/``GymWrapper`` that adds nothing
+    but the wrapper."""
+    if type(env) not in (GymEnv, GymWrapper):
         return None
     if getattr(env, "from_pixels", False) or getattr(env, "frame_skip", 1) != 1:
         return None

@@ -30,7 +30,7 @@ from tensordict import TensorDictBase
 from ray_eval.episodes import SUCCESS_KEY, EpisodeBatch
 from ray_eval.errors import EnvError
 from ray_eval.planning import Chunk
-from ray_eval.torchrl_env import seeded_reset
+from ray_eval.torchrl_env import attach_info_tap, seeded_reset
 
 
 class _EpisodeLog:
@@ -109,9 +109,14 @@ class _EnvSlots:
     def _setup(self, first_env) -> None:
         """What a loop needs to know of the env before it runs."""
 
+    def _adopt(self, env) -> None:
+        """Prepare a new env copy (the first one is prepared by ``_setup``)."""
+
     def _env_copies(self, count: int) -> list:
         while len(self._envs) < count:
-            self._envs.append(self._make_env())
+            env = self._make_env()
+            self._adopt(env)
+            self._envs.append(env)
         return self._envs
 
 
@@ -234,7 +239,9 @@ class TorchRLRollout(_EnvSlots):
     """Episodes on copies of a TorchRL ``EnvBase`` (transforms and specs honoured).
 
     Each episode is seeded the way its env takes a seed (``reset(seed=...)`` or
-    ``set_seed`` then ``reset()``, chosen once from the first copy).
+    ``set_seed`` then ``reset()``, chosen once from the first copy). ``is_success``
+    and ``info_keys`` are read from the step TensorDict, or else from the
+    ``info`` of a wrapped gymnasium env.
     """
 
     def _setup(self, first_env) -> None:
@@ -244,6 +251,10 @@ class TorchRLRollout(_EnvSlots):
         done_keys = first_env.done_keys
         self.done_key = "done" if "done" in done_keys else done_keys[0]
         self._reset = seeded_reset(first_env)
+        self._taps = [attach_info_tap(first_env)]
+
+    def _adopt(self, env) -> None:
+        self._taps.append(attach_info_tap(env))
 
     def close(self) -> None:
         for env in self._envs:
@@ -254,6 +265,7 @@ class TorchRLRollout(_EnvSlots):
         started = time.perf_counter()
         log = _EpisodeLog(chunk, self._info_keys)
         envs = self._env_copies(min(len(chunk), self.batch_size))
+        taps = self._taps
         keys = self._observation_keys
         max_steps = self._max_steps
         slot_td: list[TensorDictBase | None] = [None] * self.batch_size
@@ -297,9 +309,12 @@ class TorchRLRollout(_EnvSlots):
                 nxt = stepped.get("next")
                 slot_return[slot] += float(nxt.get(self.reward_key).sum())
                 slot_length[slot] += 1
+                info = taps[slot].info if taps[slot] is not None else {}
                 for key in self._info_keys:
                     if key in nxt.keys():
                         slot_info[slot][key] += float(nxt.get(key))
+                    elif key in info:
+                        slot_info[slot][key] += float(info[key])
                 if i in log.frames:
                     log.frames[i].append(_render(envs[slot]))
                 if bool(nxt.get(self.done_key).any()) or slot_length[slot] >= max_steps:
@@ -307,6 +322,8 @@ class TorchRLRollout(_EnvSlots):
                     log.lengths[i] = slot_length[slot]
                     if SUCCESS_KEY in nxt.keys():
                         log.infos[SUCCESS_KEY][i] = float(nxt.get(SUCCESS_KEY))
+                    elif SUCCESS_KEY in info:
+                        log.infos[SUCCESS_KEY][i] = float(info[SUCCESS_KEY])
                     for key in self._info_keys:
                         log.infos[key][i] = slot_info[slot][key] / slot_length[slot]
                     if log.has_next():

@@ -1,12 +1,18 @@
-"""What the TorchRL loop must know of an ``EnvBase`` it did not write: how to seed it.
+"""What the TorchRL loop must know of an ``EnvBase`` it did not write: how to
+seed it, and where a wrapped gymnasium env's ``info`` goes.
 
-``env.reset(seed=s)`` passes ``seed`` on to the env's ``_reset``,
+Seeding. ``env.reset(seed=s)`` passes ``seed`` on to the env's ``_reset``,
 which only some envs use: TorchRL's gymnasium wrappers hand it to gymnasium's
 ``reset``, custom envs may take a ``seed`` parameter. Most TorchRL-native envs
 (mock envs, custom ``EnvBase`` subclasses, other simulators' wrappers) swallow
 it in ``**kwargs`` or reject it; TorchRL seeds those with ``env.set_seed(s)``
 before ``reset()``. Which of the two an env needs is read once, from the env's
 classes, when the loop is built, not found out by failing episodes.
+
+Info. TorchRL's gymnasium wrappers drop ``info`` unless an info-dict reader is
+set. ``attach_info_tap`` adds a reader that writes nothing and keeps the last
+``info`` dict, so the loop reads ``is_success`` and ``info_keys`` from it as
+the gymnasium loop does (keys in the step TensorDict take precedence).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Callable
 
 from tensordict import TensorDictBase
 from torchrl.envs import EnvBase, GymWrapper, TransformedEnv
+from torchrl.envs.gym_like import GymLikeEnv
 
 log = logging.getLogger("ray_eval")
 
@@ -77,3 +84,24 @@ class SetSeedThenReset:
                     type(base_env(env)).__name__,
                 )
         return env.reset()
+
+
+class InfoTap:
+    """An info-dict reader for TorchRL's gymnasium wrappers: keeps the last ``info``."""
+
+    def __init__(self) -> None:
+        self.info: dict = {}
+
+    def __call__(self, info: dict, tensordict: TensorDictBase) -> None:
+        self.info = info
+        return None  # the TensorDict is left as it is
+
+
+def attach_info_tap(env: EnvBase) -> InfoTap | None:
+    """An ``InfoTap`` on ``env``'s gymnasium-like base env (``None`` for other envs)."""
+    base = base_env(env)
+    if not isinstance(base, GymLikeEnv):
+        return None
+    tap = InfoTap()
+    base.set_info_dict_reader(tap)
+    return tap

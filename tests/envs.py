@@ -186,3 +186,31 @@ class SeededCountdownEnv(EnvBase):
             },
             batch_size=[],
         )
+
+
+class SuccessInfoEnv(gym.Env):
+    """A gymnasium env reporting ``is_success`` and ``speed`` only in ``info``.
+
+    Length = 1 + seed % 7 steps; ``is_success`` is true at the last step when
+    that length is odd; ``speed`` is 3.0 at every step.
+    """
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    @staticmethod
+    def length_for(seed: int) -> int:
+        return 1 + int(seed) % 7
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._length = self.length_for(seed or 0)
+        self._t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self._t += 1
+        done = self._t >= self._length
+        # numpy scalars, which TorchRL's default_info_dict_reader can read
+        info = {"is_success": np.bool_(done and self._length % 2 == 1), "speed": np.float32(3)}
+        return np.full(2, self._t / 10, np.float32), 1.0, done, False, info
