@@ -22,7 +22,7 @@ from torchrl.envs import EnvBase, GymEnv, GymWrapper
 
 from ray_eval.env_instances import instance_factory, is_env_instance
 from ray_eval.errors import ActionMismatchError
-from ray_eval.policies import observation_to_action, tensordict_to_action
+from ray_eval.policies import observation_to_action, parameter_dtype, tensordict_to_action
 from ray_eval.rollout import GymnasiumRollout, TorchRLRollout
 
 EnvLike = str | Callable[[], Any]
@@ -109,6 +109,21 @@ def unwrap_bare_gym_env(env) -> gym.Env | None:
 
 def _has_array_observations(env: gym.Env) -> bool:
     return isinstance(env.observation_space, gym.spaces.Box)
+
+
+def observation_dtype(space: gym.spaces.Box, policy) -> np.dtype:
+    """The dtype the fast path hands observations to ``policy`` in.
+
+    Floating observations take the dtype of the policy's floating parameters, as
+    TorchRL's ``DoubleToFloat`` would do for a float32 policy on a float64 env
+    (MuJoCo's): the loop's observation buffer has that dtype, so each step's
+    observations are cast as they are stored, at no extra cost. Other
+    observations, and policies without parameters, keep the env's dtype.
+    """
+    dtype = parameter_dtype(policy)
+    if dtype is None or not np.issubdtype(space.dtype, np.floating):
+        return space.dtype
+    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def gym_action_adapter(space: gym.Space, env_name: str) -> Callable[[torch.Tensor], Any]:
@@ -211,6 +226,7 @@ def make_rollout(
             batch_size=batch_size,
             max_steps=max_steps,
             info_keys=info_keys,
+            obs_dtype=observation_dtype(gym_env.observation_space, policy),
         )
 
     if isinstance(first_env, gym.Env):  # dict/discrete observations: let TorchRL map them

@@ -127,11 +127,20 @@ class GymnasiumRollout(_EnvSlots):
     copies by themselves; here each copy must start a given episode with its
     own seed and idle copies must not be stepped, so the loop steps the copies
     itself (the cost of a ``SyncVectorEnv`` step without its per-copy overhead).
+
+    ``obs_dtype``: the dtype observations are handed to the policy in; storing
+    each step's observations in a buffer of that dtype casts them (float64
+    MuJoCo observations for a float32 policy) at no extra cost.
     """
+
+    def __init__(self, *args, obs_dtype: np.dtype | None = None, **kwargs) -> None:
+        self._obs_dtype = obs_dtype
+        super().__init__(*args, **kwargs)
 
     def _setup(self, first_env) -> None:
         space = first_env.observation_space
-        self._obs = np.zeros((self.batch_size, *space.shape), dtype=space.dtype)
+        dtype = self._obs_dtype or space.dtype
+        self._obs = np.zeros((self.batch_size, *space.shape), dtype=dtype)
 
     def close(self) -> None:
         for env in self._envs:

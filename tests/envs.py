@@ -214,3 +214,21 @@ class SuccessInfoEnv(gym.Env):
         # numpy scalars, which TorchRL's default_info_dict_reader can read
         info = {"is_success": np.bool_(done and self._length % 2 == 1), "speed": np.float32(3)}
         return np.full(2, self._t / 10, np.float32), 1.0, done, False, info
+
+
+class Float64ObservationEnv(gym.Env):
+    """A gymnasium env with float64 observations (as MuJoCo's), 5 steps an episode;
+    the reward is the action, so a result shows the policy ran."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._t = 0
+        return self.np_random.normal(size=3), {}
+
+    def step(self, action):
+        self._t += 1
+        obs = self.np_random.normal(size=3)
+        return obs, float(action[0]), self._t >= 5, False, {}
