@@ -1,9 +1,10 @@
 """Environments: what the user passes, turned into env copies and a rollout loop.
 
 ``env`` may be a gymnasium id, a zero-argument callable returning a
-``gymnasium.Env``, or one returning a TorchRL ``EnvBase``. Gymnasium envs with
-array observations take the vectorized fast path (``GymnasiumRollout``); so does
-a bare TorchRL ``GymEnv`` (the tutorial's ``partial(GymEnv, "Pendulum-v1")``),
+``gymnasium.Env`` or a TorchRL ``EnvBase``, or a live env of either kind (copied
+per env slot, see ``env_instances``). Gymnasium envs with array observations
+take the vectorized fast path (``GymnasiumRollout``); so does a bare TorchRL
+``GymEnv`` or ``GymWrapper`` (the tutorial's ``partial(GymEnv, "Pendulum-v1")``),
 whose wrapper adds nothing an evaluation needs but about 0.3 ms per step. Every
 other TorchRL env, transforms included, takes the general ``TorchRLRollout``.
 """
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 from torchrl.envs import EnvBase, GymEnv, GymWrapper
 
+from ray_eval.env_instances import instance_factory, is_env_instance
 from ray_eval.errors import ActionMismatchError
-from ray_eval.policies import observation_to_action, tensordict_to_action
+from ray_eval.policies import observation_to_action, parameter_dtype, tensordict_to_action
 from ray_eval.rollout import GymnasiumRollout, TorchRLRollout
 
 EnvLike = str | Callable[[], Any]
@@ -40,8 +42,15 @@ class GymMake:
         return self.env_id
 
 
-def as_env_factory(env: EnvLike, *, render_mode: str | None = None) -> Callable[[], Any]:
-    """A zero-argument, picklable factory for ``env``; raises ``TypeError`` otherwise."""
+def as_env_factory(
+    env: EnvLike, *, render_mode: str | None = None, backend: str | None = None
+) -> Callable[[], Any]:
+    """A zero-argument, picklable factory for ``env``; raises ``TypeError`` otherwise.
+
+    A live env becomes a factory of copies of it (``render_mode`` is then the
+    env's own). ``backend="process"`` keeps TorchRL's rule that the env be a
+    factory, and its message.
+    """
     if isinstance(env, str):
         if env not in gym.registry:
             raise ValueError(
@@ -49,15 +58,18 @@ def as_env_factory(env: EnvLike, *, render_mode: str | None = None) -> Callable[
                 f"(did you forget to import the package that registers it?)"
             )
         return GymMake(env, {"render_mode": render_mode} if render_mode else {})
-    if isinstance(env, gym.Env | EnvBase):
-        raise TypeError(
-            f"env must be a gymnasium id or a zero-argument factory, got a live "
-            f"{type(env).__name__}: every worker builds its own copies, so pass e.g. "
-            f"functools.partial(GymEnv, 'Pendulum-v1') or a gymnasium id"
-        )
+    if is_env_instance(env):
+        if backend == "process":
+            raise ValueError(
+                "The 'process' backend requires `env` to be a callable (factory function) "
+                "because the env is created inside a child process; got a live "
+                f"{type(env).__name__}. Use the default backend to pass an env instance"
+            )
+        return instance_factory(env)
     if not callable(env):
         raise TypeError(
-            f"env must be a gymnasium id or a zero-argument callable, got {type(env).__name__}"
+            f"env must be a gymnasium id, a live env or a zero-argument callable, "
+            f"got {type(env).__name__}"
         )
     return env
 
@@ -74,7 +86,8 @@ def build_env(factory: Callable[[], Any]):
         raise TypeError(
             f"env factory {_name(factory)} returned a batched TorchRL env "
             f"(batch_size={tuple(env.batch_size)}); return a single env, "
-            f"ray_eval batches copies itself"
+            f"ray_eval batches copies itself (a live SerialEnv/ParallelEnv instance "
+            f"is evaluated as its sub-envs)"
         )
     return env
 
@@ -84,8 +97,9 @@ def _name(obj) -> str:
 
 
 def unwrap_bare_gym_env(env) -> gym.Env | None:
-    """The gymnasium env inside a TorchRL ``GymEnv`` that adds nothing but the wrapper."""
-    if type(env) is not GymEnv:
+    """The gymnasium env inside a TorchRL ``GymEnv``/``GymWrapper`` that adds nothing
+    but the wrapper."""
+    if type(env) not in (GymEnv, GymWrapper):
         return None
     if getattr(env, "from_pixels", False) or getattr(env, "frame_skip", 1) != 1:
         return None
@@ -95,6 +109,21 @@ def unwrap_bare_gym_env(env) -> gym.Env | None:
 
 def _has_array_observations(env: gym.Env) -> bool:
     return isinstance(env.observation_space, gym.spaces.Box)
+
+
+def observation_dtype(space: gym.spaces.Box, policy) -> np.dtype:
+    """The dtype the fast path hands observations to ``policy`` in.
+
+    Floating observations take the dtype of the policy's floating parameters, as
+    TorchRL's ``DoubleToFloat`` would do for a float32 policy on a float64 env
+    (MuJoCo's): the loop's observation buffer has that dtype, so each step's
+    observations are cast as they are stored, at no extra cost. Other
+    observations, and policies without parameters, keep the env's dtype.
+    """
+    dtype = parameter_dtype(policy)
+    if dtype is None or not np.issubdtype(space.dtype, np.floating):
+        return space.dtype
+    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def gym_action_adapter(space: gym.Space, env_name: str) -> Callable[[torch.Tensor], Any]:
@@ -197,6 +226,7 @@ def make_rollout(
             batch_size=batch_size,
             max_steps=max_steps,
             info_keys=info_keys,
+            obs_dtype=observation_dtype(gym_env.observation_space, policy),
         )
 
     if isinstance(first_env, gym.Env):  # dict/discrete observations: let TorchRL map them

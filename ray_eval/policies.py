@@ -65,6 +65,16 @@ def prepare_policy(policy, device: torch.device):
     return policy
 
 
+def parameter_dtype(policy) -> torch.dtype | None:
+    """The dtype of the policy's first floating parameter (``None``: it has none)."""
+    if not isinstance(policy, nn.Module):
+        return None
+    for param in policy.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
+
+
 def observation_to_action(policy) -> TensorPolicy:
     """A function from an observation batch to an action batch, for gymnasium envs."""
     if type(policy) is TensorDictModule and _maps_observation_to_action(policy):

@@ -30,6 +30,7 @@ from tensordict import TensorDictBase
 from ray_eval.episodes import SUCCESS_KEY, EpisodeBatch
 from ray_eval.errors import EnvError
 from ray_eval.planning import Chunk
+from ray_eval.torchrl_env import attach_info_tap, seeded_reset
 
 
 class _EpisodeLog:
@@ -108,9 +109,14 @@ class _EnvSlots:
     def _setup(self, first_env) -> None:
         """What a loop needs to know of the env before it runs."""
 
+    def _adopt(self, env) -> None:
+        """Prepare a new env copy (the first one is prepared by ``_setup``)."""
+
     def _env_copies(self, count: int) -> list:
         while len(self._envs) < count:
-            self._envs.append(self._make_env())
+            env = self._make_env()
+            self._adopt(env)
+            self._envs.append(env)
         return self._envs
 
 
@@ -121,11 +127,20 @@ class GymnasiumRollout(_EnvSlots):
     copies by themselves; here each copy must start a given episode with its
     own seed and idle copies must not be stepped, so the loop steps the copies
     itself (the cost of a ``SyncVectorEnv`` step without its per-copy overhead).
+
+    ``obs_dtype``: the dtype observations are handed to the policy in; storing
+    each step's observations in a buffer of that dtype casts them (float64
+    MuJoCo observations for a float32 policy) at no extra cost.
     """
+
+    def __init__(self, *args, obs_dtype: np.dtype | None = None, **kwargs) -> None:
+        self._obs_dtype = obs_dtype
+        super().__init__(*args, **kwargs)
 
     def _setup(self, first_env) -> None:
         space = first_env.observation_space
-        self._obs = np.zeros((self.batch_size, *space.shape), dtype=space.dtype)
+        dtype = self._obs_dtype or space.dtype
+        self._obs = np.zeros((self.batch_size, *space.shape), dtype=dtype)
 
     def close(self) -> None:
         for env in self._envs:
@@ -230,7 +245,13 @@ def _direct_step(env, max_steps: float) -> tuple[Callable, float]:
 
 
 class TorchRLRollout(_EnvSlots):
-    """Episodes on copies of a TorchRL ``EnvBase`` (transforms and specs honoured)."""
+    """Episodes on copies of a TorchRL ``EnvBase`` (transforms and specs honoured).
+
+    Each episode is seeded the way its env takes a seed (``reset(seed=...)`` or
+    ``set_seed`` then ``reset()``, chosen once from the first copy). ``is_success``
+    and ``info_keys`` are read from the step TensorDict, or else from the
+    ``info`` of a wrapped gymnasium env.
+    """
 
     def _setup(self, first_env) -> None:
         self._observation_keys = list(first_env.observation_spec.keys(True, True))
@@ -238,6 +259,11 @@ class TorchRLRollout(_EnvSlots):
         self.reward_key = first_env.reward_key
         done_keys = first_env.done_keys
         self.done_key = "done" if "done" in done_keys else done_keys[0]
+        self._reset = seeded_reset(first_env)
+        self._taps = [attach_info_tap(first_env)]
+
+    def _adopt(self, env) -> None:
+        self._taps.append(attach_info_tap(env))
 
     def close(self) -> None:
         for env in self._envs:
@@ -248,6 +274,7 @@ class TorchRLRollout(_EnvSlots):
         started = time.perf_counter()
         log = _EpisodeLog(chunk, self._info_keys)
         envs = self._env_copies(min(len(chunk), self.batch_size))
+        taps = self._taps
         keys = self._observation_keys
         max_steps = self._max_steps
         slot_td: list[TensorDictBase | None] = [None] * self.batch_size
@@ -263,7 +290,7 @@ class TorchRLRollout(_EnvSlots):
             slot_length[slot] = 0
             slot_info[slot] = dict.fromkeys(self._info_keys, 0.0)
             try:
-                slot_td[slot] = envs[slot].reset(seed=log.seeds[i]).select(*keys)
+                slot_td[slot] = self._reset(envs[slot], log.seeds[i]).select(*keys)
                 if log.record[i]:
                     log.frames[i] = [_render(envs[slot])]
             except Exception as error:
@@ -291,9 +318,12 @@ class TorchRLRollout(_EnvSlots):
                 nxt = stepped.get("next")
                 slot_return[slot] += float(nxt.get(self.reward_key).sum())
                 slot_length[slot] += 1
+                info = taps[slot].info if taps[slot] is not None else {}
                 for key in self._info_keys:
                     if key in nxt.keys():
                         slot_info[slot][key] += float(nxt.get(key))
+                    elif key in info:
+                        slot_info[slot][key] += float(info[key])
                 if i in log.frames:
                     log.frames[i].append(_render(envs[slot]))
                 if bool(nxt.get(self.done_key).any()) or slot_length[slot] >= max_steps:
@@ -301,6 +331,8 @@ class TorchRLRollout(_EnvSlots):
                     log.lengths[i] = slot_length[slot]
                     if SUCCESS_KEY in nxt.keys():
                         log.infos[SUCCESS_KEY][i] = float(nxt.get(SUCCESS_KEY))
+                    elif SUCCESS_KEY in info:
+                        log.infos[SUCCESS_KEY][i] = float(info[SUCCESS_KEY])
                     for key in self._info_keys:
                         log.infos[key][i] = slot_info[slot][key] / slot_length[slot]
                     if log.has_next():

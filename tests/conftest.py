@@ -1,14 +1,10 @@
 import logging
 
-import cloudpickle
 import pytest
 import ray
 
-from tests import envs
-
-# Test envs travel to the Ray workers by value: the workers need no tests/ on their path.
-cloudpickle.register_pickle_by_value(envs)
-ray.cloudpickle.register_pickle_by_value(envs)
+# Test envs and test modules travel to the Ray workers by value, as any module that
+# is not installed does (ray_eval.pickling): the workers need no tests/ on their path.
 
 NUM_CPUS = 4  # logical CPUs of the shared test instance (the CI machine has 2 cores)
 

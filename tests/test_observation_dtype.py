@@ -1,0 +1,55 @@
+"""Float64 observations (MuJoCo's) for a float32 policy, on the gymnasium fast path.
+
+The loop hands observations to the policy in the dtype of its parameters, as
+TorchRL's ``DoubleToFloat`` would: without that, a float32 ``nn.Module`` fails on
+float64 input ("mat1 and mat2 must have the same dtype").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ray_eval import Evaluator
+from tests.envs import Float64ObservationEnv
+
+
+def replay(policy: nn.Module, seeds, dtype: torch.dtype) -> list[float]:
+    """Each episode's return, stepped by hand, observations cast to ``dtype``."""
+    returns = []
+    env = Float64ObservationEnv()
+    for seed in seeds:
+        obs, _ = env.reset(seed=int(seed))
+        total, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                action = policy(torch.as_tensor(obs, dtype=dtype)[None])[0].numpy()
+            obs, reward, done, _, _ = env.step(action)
+            total += float(np.float32(reward))
+        returns.append(total)
+    return returns
+
+
+def test_float64_observations_reach_a_float32_policy_as_float32(ray_local):
+    policy = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1), nn.Tanh())
+    with Evaluator(
+        Float64ObservationEnv(), policy, num_workers=1, num_trajectories=6, timeout=120
+    ) as evaluator:
+        result = evaluator.evaluate()
+        episodes = evaluator.last_episodes
+        assert evaluator.workers[0].rollouts[""] == "GymnasiumRollout"
+    assert result["eval/num_episodes"] == 6
+    np.testing.assert_allclose(
+        episodes.returns, replay(policy, episodes.seeds, torch.float32), rtol=1e-6
+    )
+
+
+def test_a_float64_policy_gets_float64_observations(ray_local):
+    policy = nn.Sequential(nn.Linear(3, 1), nn.Tanh()).double()
+    with Evaluator(Float64ObservationEnv, policy, num_workers=0, num_trajectories=3) as evaluator:
+        evaluator.evaluate()
+        episodes = evaluator.last_episodes
+    np.testing.assert_allclose(
+        episodes.returns, replay(policy, episodes.seeds, torch.float64), rtol=1e-12
+    )
