@@ -199,11 +199,19 @@ def make_rollout(
     device: torch.device,
     fast_path: bool = True,
     info_keys=(),
+    record_trajectories: bool = False,
+    reward_keys=None,
 ):
-    """The rollout loop that fits ``first_env`` (built by ``factory``) and ``policy``."""
+    """The rollout loop that fits ``first_env`` (built by ``factory``) and ``policy``.
+
+    ``record_trajectories`` (TorchRL's ``metrics_fn``) takes the TorchRL loop,
+    which has every step as a TensorDict already; the fast path stays lean.
+    """
     gym_env = None
     make_gym_env = factory
-    if isinstance(first_env, gym.Env) and _has_array_observations(first_env):
+    if record_trajectories:
+        pass
+    elif isinstance(first_env, gym.Env) and _has_array_observations(first_env):
         gym_env = first_env
     elif fast_path and isinstance(first_env, EnvBase):
         gym_env = unwrap_bare_gym_env(first_env)
@@ -240,9 +248,27 @@ def make_rollout(
     def act_td(td):
         return to_action(td.to(device)).cpu()
 
-    return TorchRLRollout(
+    rollout = TorchRLRollout(
         factory, first_env, act_td, batch_size=batch_size, max_steps=max_steps, info_keys=info_keys
     )
+    rollout.record_trajectories = record_trajectories
+    if reward_keys is not None:
+        rollout.reward_keys = [_under_next(k) for k in _key_list(reward_keys)]
+    return rollout
+
+
+def _key_list(keys) -> list:
+    """TorchRL's key argument: one key (a str or a tuple of str) or a list of keys."""
+    if isinstance(keys, str) or (isinstance(keys, tuple) and all(isinstance(k, str) for k in keys)):
+        return [keys]
+    return list(keys)
+
+
+def _under_next(key):
+    """A step key as read from the ``"next"`` TensorDict: ``("next", "reward")`` -> ``"reward"``."""
+    if isinstance(key, tuple) and key and key[0] == "next":
+        return key[1:] if len(key) > 2 else key[1]
+    return key
 
 
 @dataclass

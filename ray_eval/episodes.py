@@ -28,6 +28,7 @@ class EpisodeBatch:
     seconds: float = 0.0  # wall time of the chunk's rollout
     worker: int = -1  # filled in by whoever ran it
     weights_id: str = ""  # object-store id of the weights it ran with ("" for the initial ones)
+    trajectories: list | None = None  # per episode, a TensorDict of its steps (metrics_fn)
 
     @property
     def env_steps(self) -> int:

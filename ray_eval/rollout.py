@@ -46,6 +46,7 @@ class _EpisodeLog:
         self.info_keys = tuple(info_keys)
         self.infos = {k: np.full(n, np.nan) for k in (*self.info_keys, SUCCESS_KEY)}
         self.frames: dict[int, list] = {}
+        self.trajectories: list | None = None  # per episode, every step (TorchRL's metrics_fn)
         self.next_episode = 0
 
     def has_next(self) -> bool:
@@ -81,6 +82,7 @@ class _EpisodeLog:
             infos=infos,
             frames=frames,
             seconds=seconds,
+            trajectories=self.trajectories,
         )
 
 
@@ -261,6 +263,9 @@ class TorchRLRollout(_EnvSlots):
         self.done_key = "done" if "done" in done_keys else done_keys[0]
         self._reset = seeded_reset(first_env)
         self._taps = [attach_info_tap(first_env)]
+        self.record_trajectories = False  # set by make_rollout for TorchRL's metrics_fn
+        # TorchRL's reward_keys (("next", "reward") style): the rewards a return sums.
+        self.reward_keys = [self.reward_key]
 
     def _adopt(self, env) -> None:
         self._taps.append(attach_info_tap(env))
@@ -282,12 +287,17 @@ class TorchRLRollout(_EnvSlots):
         slot_return = [0.0] * self.batch_size
         slot_length = [0] * self.batch_size
         slot_info = [dict.fromkeys(self._info_keys, 0.0) for _ in range(self.batch_size)]
+        recording = self.record_trajectories
+        slot_steps: list[list] = [[] for _ in range(self.batch_size)]
+        if recording:
+            log.trajectories = [None] * len(chunk)
 
         def start(slot: int) -> None:
             i = log.take_next()
             slot_episode[slot] = i
             slot_return[slot] = 0.0
             slot_length[slot] = 0
+            slot_steps[slot] = []
             slot_info[slot] = dict.fromkeys(self._info_keys, 0.0)
             try:
                 slot_td[slot] = self._reset(envs[slot], log.seeds[i]).select(*keys)
@@ -316,8 +326,10 @@ class TorchRLRollout(_EnvSlots):
                 except Exception as error:
                     raise log.fail(error, i) from None
                 nxt = stepped.get("next")
-                slot_return[slot] += float(nxt.get(self.reward_key).sum())
+                slot_return[slot] += sum(float(nxt.get(k).sum()) for k in self.reward_keys)
                 slot_length[slot] += 1
+                if recording:
+                    slot_steps[slot].append(stepped)
                 info = taps[slot].info if taps[slot] is not None else {}
                 for key in self._info_keys:
                     if key in nxt.keys():
@@ -329,6 +341,8 @@ class TorchRLRollout(_EnvSlots):
                 if bool(nxt.get(self.done_key).any()) or slot_length[slot] >= max_steps:
                     log.returns[i] = slot_return[slot]
                     log.lengths[i] = slot_length[slot]
+                    if recording:
+                        log.trajectories[i] = torch.stack(slot_steps[slot])
                     if SUCCESS_KEY in nxt.keys():
                         log.infos[SUCCESS_KEY][i] = float(nxt.get(SUCCESS_KEY))
                     elif SUCCESS_KEY in info:

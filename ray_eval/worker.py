@@ -109,6 +109,8 @@ class EvalWorker:
                 device=self.device,
                 fast_path=config.fast_path,
                 info_keys=config.info_keys,
+                record_trajectories=config.record_trajectories,
+                reward_keys=config.reward_keys,
             )
             with torch.no_grad(), set_exploration_type(self._exploration):
                 check_action(rollout, member or _env_name(factory))
