@@ -5,11 +5,14 @@ worker builds its own env and policy: what it builds must be importable there.
 The built-in MLP policy is ``MLPPolicy``, sized from the env a worker builds;
 a trainer that makes its policy with ``MLPPolicy(...)(env)`` writes
 checkpoints whose keys fit the config's policy exactly.
+
+``mujoco_env`` makes a MuJoCo env that can render on a machine without a display.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,3 +198,30 @@ def gym_env_with_transforms(
     if max_episode_steps is not None:
         transforms.append(StepCounter(max_steps=int(max_episode_steps)))
     return TransformedEnv(GymEnv(env_id), Compose(*transforms))
+
+
+def headless_mujoco_rendering() -> None:
+    """Let MuJoCo render without a display: ``MUJOCO_GL=egl`` unless it is set already.
+
+    Gymnasium's MuJoCo renderer tries GLFW first when ``MUJOCO_GL`` is unset, and
+    GLFW needs a display; EGL (Mesa's ``libegl1``/``libegl-mesa0``, or a GPU
+    driver) renders off-screen. Call it in the process that renders (a Ray
+    worker) before the env is made; an explicit ``MUJOCO_GL`` (``osmesa``,
+    ``glfw``) is left alone.
+    """
+    if "MUJOCO_GL" in os.environ:
+        return
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return
+    os.environ["MUJOCO_GL"] = "egl"
+
+
+def mujoco_env(
+    env_id: str = "HalfCheetah-v5", *, render_mode: str | None = None, **kwargs: Any
+) -> gym.Env:
+    """``gymnasium.make(env_id, ...)`` for a MuJoCo env, able to render where there is
+    no display (``headless_mujoco_rendering``). Observations are float64; ray_eval
+    hands them to a float32 policy as float32."""
+    if render_mode is not None:
+        headless_mujoco_rendering()
+    return gym.make(env_id, render_mode=render_mode, **kwargs)
