@@ -3,7 +3,10 @@
 Real MuJoCo, real ALE, real Ray (the ``ray_local`` fixture), small episode counts.
 MuJoCo observations are float64 and the policies float32: the fast path hands them
 over as float32 (``test_halfcheetah_float32_policy_...`` checks the numbers against a
-plain gymnasium loop).
+plain gymnasium loop). An untrained Nature CNN picks the same action on every Pong
+frame, so its scores say nothing; the Atari tests give it weights whose actions follow
+what moves on the screen (``motion_cnn_weights``), and compare the recorded frames too,
+which show every seed and every action.
 """
 
 from __future__ import annotations
@@ -13,13 +16,21 @@ import functools
 import gymnasium as gym
 import imageio.v3 as iio
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from ray_eval import Evaluator
-from ray_eval.factories import mujoco_env
+from ray_eval.factories import (
+    AtariEnv,
+    NatureCNN,
+    NatureCNNPolicy,
+    atari_torchrl_env,
+    mujoco_env,
+)
 
 CHEETAH = "HalfCheetah-v5"
+PONG = "ALE/Pong-v5"
 
 
 def cheetah_mlp(seed: int = 0) -> nn.Module:
@@ -155,3 +166,118 @@ def test_halfcheetah_video_renders_headless_on_a_worker(ray_local, tmp_path):
     assert frames.std() > 10  # a rendered scene, not a blank buffer
     assert not np.array_equal(frames[0], frames[-1])  # the cheetah moved
     assert iio.imread(files[0]).shape == (21, 96, 96, 3)
+
+
+# -- Atari: ALE/Pong-v5 with a Nature CNN ------------------------------------------------
+
+
+def test_atari_factory_gives_standard_dqn_frames():
+    env = AtariEnv(PONG)()
+    assert env.observation_space.shape == (4, 84, 84)
+    assert env.observation_space.dtype == np.uint8
+    assert env.unwrapped._frameskip == 1  # frames are skipped (and max-pooled) by the wrapper
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (4, 84, 84) and obs.std() > 0
+    policy = NatureCNNPolicy(0)(env)
+    assert isinstance(policy.module.net, NatureCNN)
+    shapes = [tuple(p.shape) for p in policy.module.net.parameters()]
+    assert shapes[0] == (32, 4, 8, 8) and (512, 3136) in shapes and shapes[-1] == (6,)
+    action = policy.module(torch.from_numpy(obs)[None])
+    assert action.dtype == torch.int64 and env.action_space.contains(int(action[0]))
+
+
+PONG_RUN = dict(num_trajectories=4, max_steps=120, envs_per_worker=2, seed=5, record_video=2)
+
+
+def motion_cnn_weights(seed: int = 0) -> dict:
+    """A state_dict for ``NatureCNNPolicy(0)`` whose actions follow what moves.
+
+    The first conv layer sees the difference of the last two frames (random filters),
+    every bias is zero: a still screen gives all-zero outputs, and the ball and paddles
+    decide the action. Its Pong scores over 120 steps vary from episode to episode.
+    """
+    state = NatureCNNPolicy(0)(AtariEnv(PONG)()).state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    conv = state["module.net.features.0.weight"]
+    filters = torch.randn(conv[:, 0].shape, generator=gen)
+    conv.zero_()
+    conv[:, -1], conv[:, -2] = filters, -filters
+    for key, value in state.items():
+        if key.endswith("bias"):
+            value.zero_()
+    return state
+
+
+@pytest.fixture(scope="module")
+def pong_in_process():
+    """Pong through the gymnasium factory, in-process, with a plain ``NatureCNN`` module
+    that has ``motion_cnn_weights``: 4 episodes, the first 2 recorded."""
+    env = AtariEnv(PONG, render_mode="rgb_array")
+    net = NatureCNNPolicy(0)(env()).module.net
+    prefix = "module.net."
+    net.load_state_dict({k.removeprefix(prefix): v for k, v in motion_cnn_weights().items()})
+    ev = Evaluator(env, net, num_workers=0, **PONG_RUN)
+    try:
+        return ev.evaluate(step=3)
+    finally:
+        ev.shutdown()
+
+
+def assert_same_pong_episodes(result, reference) -> None:
+    a, b = result.episodes, reference.episodes
+    np.testing.assert_array_equal(a.seeds, b.seeds)
+    assert a.returns.tolist() == b.returns.tolist()
+    assert a.lengths.tolist() == b.lengths.tolist()
+    assert sorted(a.frames) == sorted(b.frames) == [("", 0), ("", 1)]
+    for key in a.frames:
+        np.testing.assert_array_equal(a.frames[key], b.frames[key])
+
+
+def test_pong_factory_nature_cnn_same_episodes_on_2_workers_with_video(
+    ray_local, tmp_path, pong_in_process
+):
+    local = pong_in_process
+    assert local.episodes.lengths.tolist() == [120] * 4
+    assert len(set(local.episodes.returns.tolist())) > 1  # scores that depend on the play
+    frames = local.episodes.frames[("", 0)]
+    assert frames.shape == (121, 210, 160, 3)  # full-size colour screens for the video
+    # the episodes' seeds reach the env: no-op starts and sticky actions differ
+    assert not np.array_equal(frames, local.episodes.frames[("", 1)])
+
+    ev = Evaluator(
+        AtariEnv(PONG, render_mode="rgb_array"),
+        policy_factory=NatureCNNPolicy(0),
+        num_workers=2,
+        video_dir=tmp_path,
+        timeout=120,
+        **PONG_RUN,
+    )
+    try:
+        result = ev.evaluate(weights=motion_cnn_weights(), step=3)
+    finally:
+        ev.shutdown()
+    assert set(result.episodes.workers.tolist()) == {0, 1}
+    assert_same_pong_episodes(result, local)
+    files = sorted(f.name for f in tmp_path.glob("*.mp4"))
+    assert files == ["eval_step3_episode0.mp4", "eval_step3_episode1.mp4"]
+    assert iio.imread(tmp_path / files[0]).shape[:1] == (121,)
+
+
+def test_pong_torchrl_env_with_transforms_matches_the_gymnasium_factory(ray_local, pong_in_process):
+    env = functools.partial(atari_torchrl_env, PONG, render_mode="rgb_array")
+    built = env()
+    assert type(built).__name__ == "TransformedEnv"  # TorchRL's general loop, not the fast path
+    assert tuple(built.observation_spec["observation"].shape) == (4, 84, 84)
+    results = {}
+    for workers in (0, 2):
+        ev = Evaluator(
+            env, policy_factory=NatureCNNPolicy(0), num_workers=workers, timeout=120, **PONG_RUN
+        )
+        try:
+            results[workers] = ev.evaluate(weights=motion_cnn_weights(), step=3)
+        finally:
+            ev.shutdown()
+    assert set(results[2].episodes.workers.tolist()) == {0, 1}
+    assert_same_pong_episodes(results[2], results[0])
+    # TorchRL's CatFrames stacks what FrameStackObservation stacks: the same episodes.
+    assert_same_pong_episodes(results[0], pong_in_process)
