@@ -12,6 +12,8 @@ which show every seed and every action.
 from __future__ import annotations
 
 import functools
+import json
+import subprocess
 
 import gymnasium as gym
 import imageio.v3 as iio
@@ -21,16 +23,22 @@ import torch
 from torch import nn
 
 from ray_eval import Evaluator
+from ray_eval.cli import main
+from ray_eval.config import ConfigError, NatureCNNPolicyConfig, load_config
 from ray_eval.factories import (
     AtariEnv,
+    MLPPolicy,
     NatureCNN,
     NatureCNNPolicy,
+    atari_env,
     atari_torchrl_env,
     mujoco_env,
 )
+from tests.procs import BIN, ROOT, env_for_subprocess
 
 CHEETAH = "HalfCheetah-v5"
 PONG = "ALE/Pong-v5"
+CONFIGS = ROOT / "configs"
 
 
 def cheetah_mlp(seed: int = 0) -> nn.Module:
@@ -281,3 +289,127 @@ def test_pong_torchrl_env_with_transforms_matches_the_gymnasium_factory(ray_loca
     assert_same_pong_episodes(results[2], results[0])
     # TorchRL's CatFrames stacks what FrameStackObservation stacks: the same episodes.
     assert_same_pong_episodes(results[0], pong_in_process)
+
+
+# -- ray-eval configs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["halfcheetah", "pong"])
+def test_heavy_configs_validate(name):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert config.name == name and len(config.config_hash()) == 16
+    env = config.env.build()
+    if name == "halfcheetah":
+        assert env == CHEETAH
+        assert config.policy.type == "mlp" and list(config.policy.hidden_sizes) == [256, 256]
+    else:
+        assert isinstance(config.policy, NatureCNNPolicyConfig)
+        built = env()
+        assert built.observation_space.shape == (4, 84, 84)
+        assert built.unwrapped.spec.id == PONG
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("policy.init_sed=1", "policy.init_sed: unknown key (did you mean 'init_seed'?)"),
+        ("policy.hidden_sizes=[8]", "policy.hidden_sizes: unknown key"),
+        ("policy.type=cnn", "policy.type must be 'mlp' or 'factory', or 'nature_cnn'"),
+    ],
+)
+def test_nature_cnn_policy_config_errors_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "pong.yaml", [override])
+    assert expected in str(error.value)
+
+
+def checkpoint_weights(name: str) -> dict:
+    """Weights for the policy a config builds (made as a trainer would), not its initial ones."""
+    if name == "pong":
+        assert (
+            NatureCNNPolicy(0)(atari_env(PONG)).state_dict().keys() == motion_cnn_weights().keys()
+        )
+        return motion_cnn_weights()
+    policy = MLPPolicy((256, 256))(gym.make(CHEETAH))
+    gen = torch.Generator().manual_seed(1)
+    return {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in policy.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("halfcheetah", ["num_trajectories=2", "max_steps=100", "workers.envs_per_worker=2"]),
+        ("pong", ["num_trajectories=2", "max_steps=60", "workers.envs_per_worker=2"]),
+    ],
+)
+def test_ray_eval_run_config_with_a_checkpoint(tmp_path, name, overrides):
+    overrides = [*overrides, "workers.num_workers=0", "loggers=[]"]
+    weights = checkpoint_weights(name)
+    checkpoint = tmp_path / "policy_step_2000.pt"
+    torch.save(weights, checkpoint)
+    output = tmp_path / "results.jsonl"
+    argv = ["run", str(CONFIGS / f"{name}.yaml"), "--checkpoint", str(checkpoint),
+            "--output", str(output), *overrides]  # fmt: skip
+    if name == "halfcheetah":  # the installed command, in a process of its own
+        proc = subprocess.run(
+            [str(BIN / "ray-eval"), *argv], capture_output=True, text=True, timeout=180,
+            cwd=tmp_path, env=env_for_subprocess(),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:  # the same entry point in this process (saves the imports of a new process)
+        assert main(argv) == 0
+    lines = output.read_text().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["config"] == name and record["step"] == 2000
+    assert record["checkpoint"] == str(checkpoint)
+    assert record["metrics"]["eval/num_episodes"] == 2
+
+    # The same evaluation by hand, with the checkpoint's weights: the same numbers.
+    config = load_config(CONFIGS / f"{name}.yaml", overrides)
+    ev = Evaluator(
+        config.env.build(),
+        policy_factory=config.policy.build(),
+        num_workers=0,
+        num_trajectories=config.num_trajectories,
+        max_steps=config.max_steps,
+        seed=config.seed,
+        envs_per_worker=config.workers.envs_per_worker,
+    )
+    try:
+        expected = ev.evaluate(weights=weights, step=2000)
+        initial = ev.evaluate(step=2000)
+    finally:
+        ev.shutdown()
+    assert record["metrics"]["eval/reward"] == expected["eval/reward"]
+    if name == "halfcheetah":  # the checkpoint's weights, not the initial ones, were evaluated
+        assert expected["eval/reward"] != initial["eval/reward"]
+    # (two short Pong games can end with the same score for both policies; a checkpoint
+    # that does not fit the CNN is refused: test_ray_eval_run_rejects_...)
+
+
+def test_ray_eval_run_rejects_a_checkpoint_for_the_other_config(tmp_path, capsys):
+    checkpoint = tmp_path / "cheetah.pt"
+    torch.save(checkpoint_weights("halfcheetah"), checkpoint)
+    code = main(
+        ["run", str(CONFIGS / "pong.yaml"), "--checkpoint", str(checkpoint),
+         "workers.num_workers=0", "num_trajectories=1", "max_steps=5", "loggers=[]"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "does not fit the policy" in err
+
+
+@pytest.mark.parametrize("name", ["halfcheetah", "pong"])
+def test_ray_eval_run_config_as_shipped(tmp_path, capsys, name):
+    output = tmp_path / "out.jsonl"
+    code = main(
+        ["run", str(CONFIGS / f"{name}.yaml"), "--output", str(output), "num_trajectories=2",
+         "max_steps=50", "workers.num_workers=0", "workers.envs_per_worker=2", "loggers=[]"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    (record,) = [json.loads(line) for line in output.read_text().splitlines()]
+    assert record["checkpoint"] is None
+    assert record["metrics"]["eval/episode_length"] == 50
