@@ -235,7 +235,7 @@ class RemoteWorker(EvalWorker):
         config_blob, policy_blob = ray.get(self._startup_refs)
         config = pickle.loads(config_blob)
         self._env_state_id = ""
-        self._initial_ref: ray.ObjectRef | None = None  # a factory-built policy's weights
+        self._initial_ref: ray.ObjectRef | None = None  # the built weights, in the store
         self._from_blob = policy_blob is not None
         if config.init_fn is not None:
             config.init_fn()  # TorchRL's init_fn: before the env and policy are built
@@ -255,22 +255,29 @@ class RemoteWorker(EvalWorker):
                 release_heap()  # what unpickling the policy again left in the C heap
 
     def _keep_initial(self) -> None:
-        """No private copy: a policy that came pickled is unpickled again when
-        ``weights=None`` needs its weights back; a factory-built one is put in
-        the object store once (its pages unmapped from this worker right away)."""
-        from ray_eval.weights import release_store_pages
-
-        if self._from_blob or self._initial_ref is not None:
-            return
-        self._initial_ref = ray.put({k: v.detach().cpu().numpy() for k, v in self._targets.items()})
-        release_store_pages()
+        """No private copy. A factory-built policy's weights go to the object
+        store before anything overwrites them; a policy that came pickled has
+        them in the pool's copy already (see ``_initial_payload``)."""
+        if not self._from_blob and self._initial_ref is None:
+            self._put_initial({k: v.detach().cpu().numpy() for k, v in self._targets.items()})
 
     def _initial_payload(self) -> dict:
         from ray_eval.weights import to_payload
 
         if self._initial_ref is not None:
             return ray.get(self._initial_ref)
-        return to_payload(pickle.loads(ray.get(self._startup_refs[1])), copy=False)
+        # The first time weights=None follows other weights: unpickle the policy
+        # again (about as long as building it), and keep its weights in the object
+        # store, so that the next time costs a load only.
+        payload = to_payload(pickle.loads(ray.get(self._startup_refs[1])), copy=False)
+        self._put_initial(payload)
+        return payload
+
+    def _put_initial(self, payload: dict) -> None:
+        from ray_eval.weights import release_store_pages
+
+        self._initial_ref = ray.put(payload)
+        release_store_pages()  # the pages just written: the store has them, not this worker
 
     def ping(self) -> tuple[int, str]:
         """(pid, node id): answers once the actor is up (e.g. after a restart)."""

@@ -114,9 +114,13 @@ def test_same_weights_again_and_none_after_none_load_nothing(ray_local):
 
         restored_again = ev.evaluate(step=1)  # None after None: nothing read at all
         assert load_counts(ev) == counts
+
+        ev.evaluate(weights=policy, step=1)
+        restored_later = ev.evaluate(step=1)  # from the copy the workers put in the store
+        assert load_counts(ev) == [(5, 4 * nbytes), (5, 4 * nbytes)]
     assert trained["eval/reward"] != initial["eval/reward"]
     assert again["eval/reward"] == trained["eval/reward"]
-    for result in (initial, restored, restored_again):
+    for result in (initial, restored, restored_again, restored_later):
         assert result["eval/reward"] == expected["eval/reward"]
         np.testing.assert_array_equal(result.episodes.returns, expected.episodes.returns)
     # one put per evaluation, shared by both workers
