@@ -1,10 +1,11 @@
 """Evaluation configs: YAML files validated into a typed ``EvalConfig``.
 
 A config names the env (a gymnasium id or a ``module:function`` factory), the
-policy (a small built-in MLP or a ``module:function`` factory), the episodes
-and the workers. ``key=value`` overrides from the command line are applied to
-the YAML before validation, so they are checked exactly like the file: an
-unknown key or a wrong type fails with the key's dotted name.
+policy (a built-in MLP, the built-in Nature-DQN CNN for stacked Atari frames, or
+a ``module:function`` factory), the episodes and the workers. ``key=value``
+overrides from the command line are applied to the YAML before validation, so
+they are checked exactly like the file: an unknown key or a wrong type fails
+with the key's dotted name.
 
 Example (``configs/pendulum.yaml``)::
 
@@ -157,6 +158,19 @@ class MLPPolicyConfig(_Strict):
         return MLPPolicy(tuple(self.hidden_sizes), self.activation, self.init_seed)
 
 
+class NatureCNNPolicyConfig(_Strict):
+    """The Nature-DQN CNN, built in each worker for ``(frames, 84, 84)`` uint8 observations
+    (``ray_eval.factories:atari_env``) and the env's discrete actions (greedy)."""
+
+    type: Literal["nature_cnn"]
+    init_seed: int = 0  # every worker builds the same initial weights
+
+    def build(self) -> Callable[[Any], Any]:
+        from ray_eval.factories import NatureCNNPolicy
+
+        return NatureCNNPolicy(self.init_seed)
+
+
 class FactoryPolicyConfig(_Strict):
     """``module:function`` called in each worker (with the env if it takes one) and ``kwargs``."""
 
@@ -181,14 +195,23 @@ def _policy_kind(value: Any) -> str | None:
 
 
 PolicyConfig = Annotated[
-    Annotated[MLPPolicyConfig, Tag("mlp")] | Annotated[FactoryPolicyConfig, Tag("factory")],
+    Annotated[MLPPolicyConfig, Tag("mlp")]
+    | Annotated[NatureCNNPolicyConfig, Tag("nature_cnn")]
+    | Annotated[FactoryPolicyConfig, Tag("factory")],
     Discriminator(
         _policy_kind,
         custom_error_type="policy_type",
-        custom_error_message="policy.type must be 'mlp' or 'factory'",
+        custom_error_message=(
+            "policy.type must be 'mlp' or 'factory', or 'nature_cnn' (the Atari CNN)"
+        ),
     ),
 ]
-_UNION_TAGS = {"mlp", "factory"}
+_POLICY_MODELS = {
+    "mlp": MLPPolicyConfig,
+    "nature_cnn": NatureCNNPolicyConfig,
+    "factory": FactoryPolicyConfig,
+}
+_UNION_TAGS = set(_POLICY_MODELS)
 
 
 class WorkersConfig(_Strict):
@@ -353,7 +376,7 @@ def _suggestion(loc: tuple) -> str:
     model: Any = EvalConfig
     for part in loc[:-1]:
         if part in _UNION_TAGS:
-            model = MLPPolicyConfig if part == "mlp" else FactoryPolicyConfig
+            model = _POLICY_MODELS[part]
             continue
         if isinstance(part, int) or model is None:
             continue

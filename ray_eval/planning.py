@@ -61,6 +61,25 @@ def chunk_size(num_episodes: int, num_workers: int, envs_per_worker: int) -> int
     return max(1, min(per_worker, balanced))
 
 
+VECTOR_CHUNKS = 8  # chunks per evaluation (and suite member) on a native vector env
+
+
+def vector_chunk_size(num_episodes: int, envs_per_worker: int) -> int:
+    """Episodes per chunk on a native vector env (``vector_rollout``).
+
+    A chunk seeds its vector env once, so how episodes are cut into chunks
+    decides the numbers: this depends on ``num_episodes`` and
+    ``envs_per_worker`` only, never on the number of workers, so that 1 worker,
+    4 workers and in-process give the same numbers. Each slot runs the same
+    number of the chunk's episodes (a multiple of ``envs_per_worker``), about
+    ``VECTOR_CHUNKS`` chunks in all: enough to share among a few workers, few
+    enough that each slot runs several episodes per chunk (a chunk lasts as
+    long as its slowest slot).
+    """
+    per_slot = max(1, math.ceil(num_episodes / (envs_per_worker * VECTOR_CHUNKS)))
+    return envs_per_worker * per_slot
+
+
 def plan_chunks(
     members: dict[str, int],
     *,
@@ -69,12 +88,14 @@ def plan_chunks(
     num_workers: int,
     envs_per_worker: int,
     record_episodes: int = 0,
+    vector_members: tuple[str, ...] = (),
 ) -> list[Chunk]:
     """Split every member's episodes into chunks, in episode order.
 
     ``members`` maps a suite member's name to its number of episodes (one entry,
     ``""``, for a plain evaluator). The first ``record_episodes`` episodes of
-    each member are marked for video recording.
+    each member are marked for video recording. Members in ``vector_members``
+    run on a native vector env and are cut by ``vector_chunk_size``.
     """
     chunks: list[Chunk] = []
     total = sum(members.values())
@@ -82,7 +103,10 @@ def plan_chunks(
         seeds = episode_seeds(seed, step, count)
         # Share the workers between members in proportion to their episodes.
         workers_here = max(1, round(num_workers * count / max(total, 1)))
-        size = chunk_size(count, workers_here, envs_per_worker)
+        if member in vector_members:
+            size = vector_chunk_size(count, envs_per_worker)
+        else:
+            size = chunk_size(count, workers_here, envs_per_worker)
         for start in range(0, count, size):
             idx = np.arange(start, min(start + size, count), dtype=np.int64)
             chunks.append(
@@ -109,6 +133,7 @@ class EvaluationPlan:
     metrics_fn: Any = None  # TorchRL's: fn(trajectories TensorDict) -> {name: value}
     traj_format: str = "pad"  # how metrics_fn gets the trajectories: "pad" [N, T] or "cat"
     dump_video: bool = False  # dump the envs' video transforms after each evaluation
+    vector_members: tuple[str, ...] = ()  # members on a native vector env (envs.is_vector_source)
 
     def chunks(self, step: int, num_workers: int) -> list[Chunk]:
         """The chunks of the evaluation at ``step``."""
@@ -119,6 +144,7 @@ class EvaluationPlan:
             num_workers=num_workers,
             envs_per_worker=self.envs_per_worker,
             record_episodes=self.record_episodes,
+            vector_members=self.vector_members,
         )
 
     def deadline(self, started: float) -> float | None:

@@ -5,12 +5,18 @@ The driver turns ``weights`` (an ``nn.Module``, a ``TensorDictBase`` or a
 Ray stores numpy arrays without pickling them and workers read them from the
 object store without a copy, so the put is fast and shared by every worker.
 Workers copy the arrays into their policy's parameters after checking every
-key and shape (``TensorDict.to_module`` alone would accept a wrong shape).
+key and shape (``TensorDict.to_module`` alone would accept a wrong shape),
+writing only the bytes that changed, and then unmap the object store's pages
+they read (``release_store_pages``): Ray never unmaps them itself, so a worker
+would otherwise keep every weights object it ever read in its resident memory.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 
@@ -104,13 +110,131 @@ def check_payload(payload: Payload, spec: ParamSpec) -> None:
             )
 
 
-def load_payload(targets: dict[str, torch.Tensor], payload: Payload) -> None:
-    """Copy ``payload`` into the live tensors ``targets`` (see ``module_params``)."""
+def load_payload(targets: dict[str, torch.Tensor], payload: Payload) -> int:
+    """Copy ``payload`` into the live tensors ``targets`` (see ``module_params``).
+
+    Returns the bytes written. Bytes that are already equal are not written:
+    each CPU tensor is compared with its array chunk by chunk up to the first
+    chunk that differs, and copied from there on. So the same weights again
+    write nothing (and cost one read of both), while new weights cost a copy
+    and one chunk's comparison per tensor. Equality is bitwise (a NaN equals
+    the same NaN, ``-0.0`` differs from ``0.0``).
+    """
+    written = 0
     with torch.no_grad(), warnings.catch_warnings():
         # Arrays read from the object store are read-only; we only copy from them.
         warnings.simplefilter("ignore", UserWarning)
         for key, tensor in targets.items():
-            tensor.copy_(torch.from_numpy(payload[key]))
+            written += _copy_changed(tensor, torch.from_numpy(np.asarray(payload[key])))
+    return written
+
+
+_CHUNK = 1 << 20  # bytes compared at a time: a multiple of every element size
+
+
+def _copy_changed(dst: torch.Tensor, src: torch.Tensor) -> int:
+    nbytes = dst.numel() * dst.element_size()
+    comparable = (
+        dst.device.type == "cpu"
+        and dst.dtype == src.dtype
+        and dst.shape == src.shape
+        and dst.is_contiguous()
+        and src.is_contiguous()
+    )
+    if not comparable:  # another device, a cast or a strided tensor: copy it all
+        dst.copy_(src)
+        return nbytes
+    first = _first_difference(dst.data_ptr(), src.data_ptr(), nbytes)
+    if first is None:
+        return 0
+    start = first // dst.element_size()
+    dst.view(-1)[start:].copy_(src.reshape(-1)[start:])
+    return nbytes - first
+
+
+def _first_difference(a: int, b: int, nbytes: int) -> int | None:
+    """Offset of the first ``_CHUNK`` that differs between two buffers, or None."""
+    for offset in range(0, nbytes, _CHUNK):
+        size = min(_CHUNK, nbytes - offset)
+        if _memcmp is not None:
+            differs = _memcmp(a + offset, b + offset, size) != 0
+        else:
+            chunk = (ctypes.c_uint8 * size).from_address
+            differs = bytes(chunk(a + offset)) != bytes(chunk(b + offset))
+        if differs:
+            return offset
+    return None
+
+
+def _libc_function(name: str, argtypes: list, restype):
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError, TypeError):  # no C library to load (e.g. Windows)
+        return None
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
+_memcmp = _libc_function(
+    "memcmp", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int
+)
+_madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int)
+_MADV_DONTNEED = 4  # Linux
+
+
+def release_store_pages() -> int:
+    """Unmap the object store's pages from this process; the resident bytes it released.
+
+    Ray maps its whole object store into every worker and never unmaps it: a
+    page of a weights object that a worker read stays in the worker's resident
+    memory (``RssShmem``) long after the object is gone, and each new object
+    Ray places elsewhere adds its size. ``MADV_DONTNEED`` on a shared file
+    mapping drops this process's page-table entries only: the data stays in
+    the store, and a later read maps it in again. Linux only (0 elsewhere); only
+    shared mappings of the store's files (``plasma*``) are touched, never this
+    process's private memory.
+    """
+    if not sys.platform.startswith("linux") or _madvise is None:
+        return 0
+    before = _resident_shared()
+    for start, end in _store_mappings():
+        _madvise(start, end - start, _MADV_DONTNEED)
+    return before - _resident_shared()
+
+
+_malloc_trim = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)  # glibc
+
+
+def release_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``).
+
+    Tensors up to 32 MiB freed after a transient use (e.g. unpickling a policy)
+    otherwise stay in the process's private memory.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _store_mappings() -> list[tuple[int, int]]:
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 6 or parts[1][3:4] != "s":  # shared mappings only
+                continue
+            name = os.path.basename(parts[5].strip().removesuffix(" (deleted)"))
+            if name.startswith("plasma"):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def _resident_shared() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 EnvState = dict[str, dict]  # model id ("env.transform[0]") -> its state_dict

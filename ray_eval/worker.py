@@ -69,6 +69,9 @@ class EvalWorker:
         self._init_error: Exception | None = None
         self._loaded: object = None  # identity of the weights now in the policy
         self._targets: dict = {}
+        self._initial: dict | None = None  # the built policy's weights, once overwritten
+        self.weights_loads = 0  # weights payloads read into the policy (compared or copied)
+        self.weights_loaded_bytes = 0  # bytes written into the policy's tensors
         self._env_state: dict | None = None  # env parts' states to load (weights_dict)
         self._env_state_in: set[int] = set()  # ids of the env copies that have it
         self.rollouts: dict = {}
@@ -119,9 +122,6 @@ class EvalWorker:
             self.rollouts[member] = rollout
         if isinstance(self.policy, torch.nn.Module):
             self._targets = module_params(self.policy)
-        self._initial_weights = {
-            k: v.detach().cpu().clone().numpy() for k, v in self._targets.items()
-        }
 
     def describe(self) -> WorkerInfo:
         from ray_eval.env_parts import video_dumpers
@@ -168,18 +168,36 @@ class EvalWorker:
                     discard_videos(env)
 
     def load_weights(self, payload: dict | None, identity: object = None) -> None:
-        """Load ``payload`` (``None``: the weights the policy was built with)."""
+        """Load ``payload`` (``None``: the weights the policy was built with).
+
+        Nothing is read when the weights in the policy are these already: the
+        same ``identity`` (an earlier chunk of this evaluation), or ``None``
+        after ``None``. Otherwise only the bytes that differ are written
+        (``weights_loaded_bytes`` counts them), so equal weights write nothing.
+        """
         from ray_eval.weights import check_payload, load_payload
 
         if payload is None:
             if self._loaded is None:
-                return
-            payload, identity = self._initial_weights, None
+                return  # the initial weights are in
+            payload, identity = self._initial_payload(), None
         elif identity is not None and identity == self._loaded:
             return  # this evaluation's weights are already in (an earlier chunk)
         check_payload(payload, {k: (tuple(v.shape), "") for k, v in self._targets.items()})
-        load_payload(self._targets, payload)
+        if self._loaded is None:
+            self._keep_initial()  # before anything overwrites them
+        self.weights_loaded_bytes += load_payload(self._targets, payload)
+        self.weights_loads += 1
         self._loaded = identity
+
+    def _keep_initial(self) -> None:
+        """Keep the built policy's weights for ``weights=None``: a private copy
+        in-process (``RemoteWorker`` keeps none in its own memory)."""
+        if self._initial is None:
+            self._initial = {k: v.detach().cpu().clone().numpy() for k, v in self._targets.items()}
+
+    def _initial_payload(self) -> dict:
+        return self._initial
 
     def run(self, chunk: Chunk) -> EpisodeBatch:
         import torch
@@ -209,13 +227,50 @@ class RemoteWorker(EvalWorker):
     asked from the pool, which keeps them: a restarted worker rebuilds from them."""
 
     def __init__(self, pool) -> None:
-        config_blob, policy_blob = ray.get(ray.get(pool.startup_args.remote()))
+        from ray_eval.weights import release_store_pages
+
+        # Refs to the pickled config and policy: the pool keeps them for its whole
+        # life, and weights=None reads the built policy's weights back from them.
+        self._startup_refs = ray.get(pool.startup_args.remote())
+        config_blob, policy_blob = ray.get(self._startup_refs)
         config = pickle.loads(config_blob)
         self._env_state_id = ""
+        self._initial_ref: ray.ObjectRef | None = None  # a factory-built policy's weights
+        self._from_blob = policy_blob is not None
         if config.init_fn is not None:
             config.init_fn()  # TorchRL's init_fn: before the env and policy are built
         policy = pickle.loads(policy_blob) if policy_blob is not None else None
+        del config_blob, policy_blob
         super().__init__(config, policy)
+        release_store_pages()  # the pages of the pickled policy, read above
+
+    def load_weights(self, payload: dict | None, identity: object = None) -> None:
+        from ray_eval.weights import release_heap, release_store_pages
+
+        loads = self.weights_loads
+        super().load_weights(payload, identity)
+        if self.weights_loads != loads:
+            release_store_pages()  # the weights object's pages just read
+            if payload is None and self._from_blob:
+                release_heap()  # what unpickling the policy again left in the C heap
+
+    def _keep_initial(self) -> None:
+        """No private copy: a policy that came pickled is unpickled again when
+        ``weights=None`` needs its weights back; a factory-built one is put in
+        the object store once (its pages unmapped from this worker right away)."""
+        from ray_eval.weights import release_store_pages
+
+        if self._from_blob or self._initial_ref is not None:
+            return
+        self._initial_ref = ray.put({k: v.detach().cpu().numpy() for k, v in self._targets.items()})
+        release_store_pages()
+
+    def _initial_payload(self) -> dict:
+        from ray_eval.weights import to_payload
+
+        if self._initial_ref is not None:
+            return ray.get(self._initial_ref)
+        return to_payload(pickle.loads(ray.get(self._startup_refs[1])), copy=False)
 
     def ping(self) -> tuple[int, str]:
         """(pid, node id): answers once the actor is up (e.g. after a restart)."""
