@@ -171,8 +171,8 @@ def main():
     ray.init()  # the job's cluster
     evaluator = Evaluator("Pendulum-v1", policy_factory=lambda: (lambda obs: obs[:, :1]),
                           num_workers=2, num_trajectories=4, max_steps=20)
-    evaluator.trigger_eval()
     print("evaluated", evaluator.evaluate()["eval/num_episodes"], flush=True)
+    evaluator.trigger_eval()  # still pending when the job dies
     raise ValueError("the job's own bug")
 
 
@@ -208,6 +208,6 @@ def test_a_job_that_raises_with_a_live_evaluator_fails_instead_of_hanging(ray_he
     elapsed = time.monotonic() - started
     logs = submit.stdout + submit.stderr
     assert submit.returncode != 0, logs[-4000:]
-    assert "evaluated 4" in logs and "ValueError: the job's own bug" in logs
-    assert "failed" in logs.lower()
+    assert "evaluated 4" in logs, logs[-4000:]
+    assert "ValueError: the job's own bug" in logs and "failed" in logs.lower(), logs[-4000:]
     print(f"\n[failing job] reported failed {elapsed:.1f} s after submission")
