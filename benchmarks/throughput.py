@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import logging
 import os
 import statistics
 import sys
@@ -49,13 +48,23 @@ import gymnasium as gym
 import numpy as np
 import ray
 import torch
+from harness import (
+    RESULTS_DIR,
+    Rate,
+    fmt_rate,
+    load_average,
+    print_table,
+    ratio,
+    start_ray,
+    timed,
+    wait_until_quiet,
+)
+from harness import jsonable as _jsonable
 from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.envs import GymEnv
 
 STARTED = time.perf_counter()
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-RAY_CPUS = max(4, os.cpu_count() or 1)  # logical CPUs, so that 4 one-CPU workers fit on 2 cores
 INLINE_LIMIT = 100 * 1024  # Ray's max_direct_call_object_size: smaller returns are inlined
 
 
@@ -115,86 +124,6 @@ def num_params(module: nn.Module) -> int:
 
 
 # -- measurements ------------------------------------------------------------------------
-
-
-@dataclass
-class Rate:
-    """Env steps per second over repeated runs."""
-
-    steps_per_s: float  # median over the runs
-    best: float  # the fastest run's (the least disturbed by other processes)
-    seconds: list[float]  # per run
-    steps: list[int]  # per run
-    load: str  # load average when the runs ended
-
-    @classmethod
-    def of(cls, runs: Sequence[tuple[float, int]]) -> Rate:
-        rates = [n / s for s, n in runs]
-        return cls(
-            statistics.median(rates),
-            max(rates),
-            [s for s, _ in runs],
-            [n for _, n in runs],
-            load_average(),
-        )
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def timed(runners: dict[str, Callable[[], int]], repeats: int) -> dict[str, Rate]:
-    """Run each of ``runners`` (which return the env steps they ran) once as a warm-up, then
-    ``repeats`` rounds of one run each, interleaved: a slow drift in the machine's load
-    touches every runner alike, so their ratios hold better than their absolute rates."""
-    wait_until_quiet()
-    for run in runners.values():
-        run()
-    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            started = time.perf_counter()
-            steps = run()
-            runs[name].append((time.perf_counter() - started, steps))
-    return {name: Rate.of(r) for name, r in runs.items()}
-
-
-def wait_until_quiet(limit_s: float = 20.0, busy: float = 0.1, window_s: float = 0.5) -> None:
-    """Wait (at most ``limit_s``) until this process and its children (the Ray instance:
-    workers starting or exiting, the dashboard) use under ``busy`` of a core."""
-    deadline = time.monotonic() + limit_s
-    used = _family_cpu_seconds()
-    while used is not None and time.monotonic() < deadline:
-        time.sleep(window_s)
-        now = _family_cpu_seconds()
-        if now - used < busy * window_s:
-            return
-        used = now
-
-
-def _family_cpu_seconds() -> float | None:
-    """CPU seconds used so far by this process and its live descendants (Linux only)."""
-    try:
-        ticks = os.sysconf("SC_CLK_TCK")
-        stats = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    except (OSError, ValueError):
-        return None
-    family, grew = {os.getpid()}, True
-    while grew:
-        kids = {pid for pid, (ppid, _) in stats.items() if ppid in family} - family
-        family |= kids
-        grew = bool(kids)
-    return sum(stats[pid][1] for pid in family if pid in stats) / ticks
 
 
 @contextlib.contextmanager
@@ -363,29 +292,6 @@ def big_policy(store_workers: Sequence[int], trigger_repeats: int, hidden: int =
 
 
 # -- output ------------------------------------------------------------------------------
-
-
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for n, row in enumerate(cells):
-        print(
-            "  "
-            + "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
-            )
-        )
-        if n == 0:
-            print("  " + "  ".join("-" * w for w in widths))
-
-
-def fmt_rate(rate: Rate | None) -> str:
-    return "-" if rate is None else f"{rate.steps_per_s:,.0f}"
-
-
-def ratio(a: Rate | None, b: Rate | None) -> str:
-    return "-" if a is None or b is None else f"{a.steps_per_s / b.steps_per_s:.2f}x"
 
 
 def save_plot(
@@ -565,14 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Ray starts its workers at nice 15, below the driver, where the raw loop and TorchRL's
     # thread backend run: on a machine shared with other work they would get a fraction of
     # a core. Every runner competes on equal terms at the same niceness.
-    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # noqa: SIM112 (Ray spells it so)
-    ray.init(
-        address="local",  # a fresh instance of our own, even if a `ray start` cluster runs here
-        num_cpus=RAY_CPUS,
-        include_dashboard=True,  # Ray's state API (object-store bytes) needs it
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    start_ray(args.worker_niceness, dashboard=True)  # the state API (object-store bytes)
     try:
         cold: list[tuple[float, float]] = []
 
@@ -631,12 +530,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nresults: {summary}")
     print(f"benchmark run time: {time.perf_counter() - STARTED:.0f} s (load {load_average()})")
     return 0
-
-
-def _jsonable(obj):
-    if isinstance(obj, Rate):
-        return dataclasses.asdict(obj)
-    return str(obj)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,13 @@ class Publisher:
         self._prefix = prefix
         self._video = video  # publish_videos' directory, video_format, fps, logger
 
+    @classmethod
+    def from_args(cls, a: dict[str, Any]) -> Publisher:
+        """From the Evaluator's arguments (``on_result``, ``log_prefix``, ``video_*``)."""
+        video = {"directory": a["video_dir"], "video_format": a["video_format"]}
+        video.update(fps=a["video_fps"], logger=a["video_logger"])
+        return cls(a["on_result"], a["log_prefix"], video)
+
     def __call__(self, result: EvalResult) -> None:
         if result.episodes is not None and result.episodes.frames:
             try:

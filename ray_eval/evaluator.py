@@ -19,21 +19,14 @@ from torch import nn
 from torchrl.envs.utils import ExplorationType
 
 from ray_eval import ray_session
+from ray_eval.backends import start_backend
 from ray_eval.delivery import Delivery, Publisher, Request
 from ray_eval.envs import EnvLike
 from ray_eval.episodes import EpisodeData
 from ray_eval.errors import EvaluatorBusyError
 from ray_eval.local_backend import LocalBackend
 from ray_eval.metrics import EvalResult
-from ray_eval.options import (
-    BACKENDS,
-    build_configs,
-    check_arguments,
-    check_step,
-    env_factories,
-    pool_config,
-)
-from ray_eval.pickling import check_picklable
+from ray_eval.options import BACKENDS, build_configs, check_arguments, check_step, env_factories
 from ray_eval.planning import EvalRequest
 from ray_eval.torchrl_args import check_torchrl_arguments
 from ray_eval.weights import WeightsLike, payloads
@@ -44,24 +37,11 @@ log = logging.getLogger("ray_eval")
 class Evaluator:
     """Evaluates a policy on a pool of Ray worker actors, in the background or blocking.
 
-    Args (the README's "Using it" section has them all, with examples):
-        env: a gymnasium id, a zero-argument callable returning a ``gymnasium.Env``
-            or a TorchRL ``EnvBase``, or a dict ``{name: env}`` (a suite).
-        policy / policy_factory: the policy (TensorDict module, ``nn.Module`` or
-            callable), or a factory that builds it inside each worker.
-        num_workers: worker actors (default: one per free CPU); ``0`` runs in-process.
-        num_trajectories: episodes per evaluation (per suite member).
-        max_steps: cut episodes at this many steps.
-        seed: episode ``i`` of the evaluation at step ``s`` is seeded from ``(seed, s, i)``.
-        busy_policy: ``"error"``, ``"skip"``, ``"queue"`` or ``"latest"``: what a
-            request does while another is pending.
-        on_result: called with a flat TensorDict of each result, in request order,
-            before ``evaluate``/``poll``/``wait`` return it.
-        max_unread_results: async results kept until read by ``poll``/``wait``;
-            beyond it the oldest is dropped (``dropped_results``). ``None``: no bound.
-        backend: ``"ray"`` (or ``"process"``) or ``"local"`` (or ``"thread"``).
-        timeout / startup_timeout: seconds an evaluation / the workers' start may take.
-        Resources, placement, restarts, video and statistics: see the README.
+    ``env``: a gymnasium id, an env factory, a live gymnasium or TorchRL env, or a
+    dict ``{name: env}`` (a suite). ``policy`` (a TensorDict module, an
+    ``nn.Module`` or a callable) is shipped to the workers, or ``policy_factory``
+    builds it in each one. ``num_workers=0`` runs in-process. Every argument, with
+    TorchRL's own, is described in the README's "Using it" and "TorchRL" sections.
     """
 
     def __init__(
@@ -123,20 +103,10 @@ class Evaluator:
         self._step_counter = 0
         self._seq = 0
         self._closed = False
-        if use_ray:
-            for what in ("policy", "policy_factory", "metrics_fn", "episode_metrics_fn", "init_fn"):
-                check_picklable(args[what], what)
-            check_picklable(factories, "env")
-            ray_session.connect()
-            from ray_eval.ray_backend import RayBackend
-
-            self._backend = RayBackend(pool_config(args, factories), plan, worker_config, policy)
-        else:
-            self._backend = LocalBackend(plan, worker_config, policy)
+        self._backend = start_backend(args, factories, worker_config, plan, use_ray=use_ray)
         self.num_workers = len(self._backend.workers) if use_ray else 0
         self._param_spec = self._backend.workers[0].param_spec
-        video = {"directory": video_dir, "video_format": video_format, "fps": video_fps}
-        publish = Publisher(on_result, log_prefix, {**video, "logger": video_logger})
+        publish = Publisher.from_args(args)
         self._delivery = Delivery(self._backend, publish, max_unread=max_unread_results)
         ray_session.close_at_exit(self)
 

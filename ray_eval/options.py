@@ -14,8 +14,10 @@ from typing import Any
 
 import ray
 import torch
+from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType
 
+from ray_eval.env_parts import freeze_normalization
 from ray_eval.envs import as_env_factory
 from ray_eval.planning import EvaluationPlan
 from ray_eval.pool import PLACEMENT_STRATEGIES, PoolConfig
@@ -108,6 +110,10 @@ def env_factories(env: Any, *, render: bool) -> dict[str, Any]:
             raise ValueError(
                 f"env: suite member names must be non-empty strings without '/', got {name!r}"
             )
+        if isinstance(member_env, EnvBase):
+            # As TorchRL does: the instance given for evaluation is frozen too, so
+            # that nothing evaluated through it updates its statistics.
+            freeze_normalization(member_env)
         factories[name] = as_env_factory(member_env, render_mode="rgb_array" if render else None)
     return factories
 

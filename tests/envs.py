@@ -48,7 +48,7 @@ class SeedLengthEnv(gym.Env):
     process with ``os._exit`` (``crash_times`` times in all, across processes);
     ``raise_at`` raises at that step of every episode, ``raise_file`` once;
     ``hang_at`` sleeps an hour at that step of every episode, ``hang_file``
-    ``hang_times`` times in all.
+    ``hang_times`` times in all, for ``hang_seconds`` (an hour by default).
     ``step_sleep`` slows every step; ``action_reward`` makes the reward depend
     on the policy's action (so a result shows which weights ran).
     """
@@ -66,6 +66,7 @@ class SeedLengthEnv(gym.Env):
         raise_file: str | None = None,
         hang_file: str | None = None,
         hang_times: int = 1,
+        hang_seconds: float = 3600.0,
         fault_step: int = 3,
         step_sleep: float = 0.0,
         action_reward: bool = False,
@@ -77,6 +78,7 @@ class SeedLengthEnv(gym.Env):
         self._hang_at = hang_at
         self._hang_file = hang_file
         self._hang_times = hang_times
+        self._hang_seconds = hang_seconds
         self._fault_step = fault_step
         self._step_sleep = step_sleep
         self._action_reward = action_reward
@@ -108,7 +110,7 @@ class SeedLengthEnv(gym.Env):
         if self._hang_at is not None and self._t == self._hang_at:
             time.sleep(3600)
         if at_fault_step and take_fault(self._hang_file, self._hang_times):
-            time.sleep(3600)
+            time.sleep(self._hang_seconds)
         obs = np.array([self._t / 100.0, float(action[0])], np.float32)
         reward = 1.0 + 0.5 * float(np.tanh(action[0])) if self._action_reward else 1.0
         return (

@@ -387,7 +387,7 @@ def test_negative_seed_and_step_fail_at_the_call_in_ray_evals_words(ray_local):
 def test_in_process_timeout_is_real_and_the_next_evaluation_runs_fresh(ray_local, tmp_path):
     hang = tmp_path / "hang"
     ev = Evaluator(
-        slow_env(0.0, hang_file=str(hang)),
+        slow_env(0.0, hang_file=str(hang), hang_seconds=6.0),
         small_policy(),
         num_workers=0,
         num_trajectories=2,
@@ -404,6 +404,8 @@ def test_in_process_timeout_is_real_and_the_next_evaluation_runs_fresh(ray_local
     assert time.monotonic() - started < 1
     assert 1.9 < timed_out_s < 5, timed_out_s
     assert result["eval/num_episodes"] == 2
+    # The abandoned thread ends (closing its envs) once its step returns.
+    assert not wait_no_evaluator_threads(timeout=15)
 
 
 # -- 9. a worker restarts however long after its start -------------------------------------------

@@ -1,4 +1,4 @@
-"""Suites, statistics, success rate, info keys, metrics_fn, comparisons, video."""
+"""Suites, statistics, success rate, info keys, episode_metrics_fn, comparisons, video."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_iqm_and_bootstrap_intervals_match_a_direct_computation(ray_local):
     assert result["eval/reward_iqm_ci_high"] == pytest.approx(np.quantile(iqms, 0.975))
 
 
-def test_success_rate_info_keys_and_metrics_fn(ray_local):
+def test_success_rate_info_keys_and_episode_metrics_fn(ray_local):
     def long_fraction(episodes):
         return {"long_fraction": float((episodes.lengths > 18).mean())}
 
@@ -90,7 +90,7 @@ def test_success_rate_info_keys_and_metrics_fn(ray_local):
         num_workers=1,
         num_trajectories=20,
         info_keys=("speed",),
-        metrics_fn=long_fraction,
+        episode_metrics_fn=long_fraction,
     ) as ev:
         result = ev.evaluate()
     lengths = result.episodes.lengths

@@ -105,11 +105,11 @@ class RayHead:
         assert not session_pids(self.proc.pid)
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
     # A short temp dir: Ray's socket paths must stay under the 107-character limit.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayev-", dir="/tmp"))
-    head = RayHead(temp_dir, tmp_path / "head.log")
+    head = RayHead(temp_dir, tmp_path_factory.mktemp("head") / "head.log")
     try:
         head.wait_ready()
         yield head
@@ -160,3 +160,54 @@ def test_ray_job_submit_runs_the_pendulum_config(ray_head, tmp_path):
     metrics = record["metrics"]
     assert metrics["eval/num_episodes"] == 4 and metrics["eval/episode_length"] == 50
     assert metrics["eval/reward_ci_low"] <= metrics["eval/reward"] <= metrics["eval/reward_ci_high"]
+
+
+FAILING_JOB = """
+import ray
+from ray_eval import Evaluator
+
+
+def main():
+    ray.init()  # the job's cluster
+    evaluator = Evaluator("Pendulum-v1", policy_factory=lambda: (lambda obs: obs[:, :1]),
+                          num_workers=2, num_trajectories=4, max_steps=20)
+    print("evaluated", evaluator.evaluate()["eval/num_episodes"], flush=True)
+    evaluator.trigger_eval()  # still pending when the job dies
+    raise ValueError("the job's own bug")
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_job_that_raises_with_a_live_evaluator_fails_instead_of_hanging(ray_head, tmp_path):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "failing_job.py").write_text(FAILING_JOB)
+    started = time.monotonic()
+    submit = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            ray_head.dashboard,
+            "--working-dir",
+            str(job_dir),
+            "--",
+            "python",
+            "failing_job.py",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env=env_for_subprocess(RAY_AUTH_MODE="token"),
+    )
+    elapsed = time.monotonic() - started
+    logs = submit.stdout + submit.stderr
+    assert submit.returncode != 0, logs[-4000:]
+    assert "evaluated 4" in logs, logs[-4000:]
+    assert "ValueError: the job's own bug" in logs and "failed" in logs.lower(), logs[-4000:]
+    print(f"\n[failing job] reported failed {elapsed:.1f} s after submission")
