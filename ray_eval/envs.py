@@ -18,6 +18,7 @@ optionally, ``seed``) that returns a gymnasium ``VectorEnv`` or an EnvPool env.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,12 +41,24 @@ EnvLike = str | Callable[[], Any]
 
 @dataclass
 class GymMake:
-    """A picklable ``gymnasium.make(env_id, **kwargs)``."""
+    """A picklable ``gymnasium.make(env_id, **kwargs)``.
+
+    ``package`` registers ``env_id`` when imported (``ale_py`` for ``"ALE/..."``):
+    a worker process imports it first, as the driver did. A MuJoCo env made to
+    render gets an off-screen renderer (``MUJOCO_GL=egl``) on a headless worker.
+    """
 
     env_id: str
     kwargs: dict = field(default_factory=dict)
+    package: str | None = None
 
     def __call__(self) -> gym.Env:
+        if self.package:
+            importlib.import_module(self.package)
+        if self.kwargs.get("render_mode") == "rgb_array" and "mujoco" in (self.package or ""):
+            from ray_eval.factories import headless_mujoco_rendering
+
+            headless_mujoco_rendering()
         return gym.make(self.env_id, **self.kwargs)
 
     def __str__(self) -> str:
@@ -70,7 +83,9 @@ def as_env_factory(
                 f"env {env!r} is not a registered gymnasium id "
                 f"(did you forget to import the package that registers it?)"
             )
-        return GymMake(env, {"render_mode": render_mode} if render_mode else {})
+        entry = gym.spec(env).entry_point
+        package = entry.split(":")[0] if isinstance(entry, str) else None
+        return GymMake(env, {"render_mode": render_mode} if render_mode else {}, package)
     if is_env_instance(env):
         if backend == "process":
             raise ValueError(

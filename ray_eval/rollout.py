@@ -16,6 +16,7 @@ the number of workers. Only slots whose episode is running are stepped.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import traceback
@@ -146,7 +147,7 @@ class GymnasiumRollout(_EnvSlots):
 
     def close(self) -> None:
         for env in self._envs:
-            env.close()
+            _close_quietly(env)
 
     def run(self, chunk: Chunk) -> EpisodeBatch:
         started = time.perf_counter()
@@ -273,7 +274,7 @@ class TorchRLRollout(_EnvSlots):
     def close(self) -> None:
         for env in self._envs:
             if not env.is_closed:
-                env.close()
+                _close_quietly(env)
 
     def run(self, chunk: Chunk) -> EpisodeBatch:
         started = time.perf_counter()
@@ -367,3 +368,12 @@ def _render(env) -> np.ndarray:
     inner = getattr(base, "_env", None)
     frame = inner.render() if inner is not None else env.render()
     return np.asarray(frame)
+
+
+def _close_quietly(env) -> None:
+    """Close an env copy; a failure (e.g. a renderer's ``EGLError``) is logged, not raised:
+    the evaluation is over, and closing the other copies must go on."""
+    try:
+        env.close()
+    except Exception:
+        logging.getLogger("ray_eval").warning("closing an env copy failed", exc_info=True)

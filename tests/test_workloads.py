@@ -176,6 +176,41 @@ def test_halfcheetah_video_renders_headless_on_a_worker(ray_local, tmp_path):
     assert iio.imread(files[0]).shape == (21, 96, 96, 3)
 
 
+def test_plain_gymnasium_ids_work_on_workers_ale_registered_and_mujoco_rendering(
+    ray_local, tmp_path
+):
+    """The ids alone: the worker imports ale_py (which registers "ALE/...") as the driver
+    did, and a MuJoCo id made to render gets the off-screen renderer."""
+    import ale_py
+
+    gym.register_envs(ale_py)  # what a user does on the driver, as gymnasium documents
+    pong = Evaluator(
+        "ALE/Pong-v5",
+        lambda obs: torch.zeros(obs.shape[0], dtype=torch.long),
+        num_workers=1,
+        num_trajectories=1,
+        max_steps=5,
+    )
+    cheetah = Evaluator(
+        CHEETAH,
+        cheetah_mlp(),
+        num_workers=1,
+        num_trajectories=1,
+        max_steps=3,
+        record_video=1,
+        video_dir=tmp_path,
+        timeout=120,
+    )
+    try:
+        assert pong.evaluate()["eval/episode_length"] == 5
+        result = cheetah.evaluate()
+    finally:
+        pong.shutdown()
+        cheetah.shutdown()
+    assert result.episodes.frames[("", 0)].shape[0] == 4  # reset + 3 steps
+    assert [f.name for f in tmp_path.glob("*.mp4")] == ["eval_step0_episode0.mp4"]
+
+
 # -- Atari: ALE/Pong-v5 with a Nature CNN ------------------------------------------------
 
 
