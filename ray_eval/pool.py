@@ -33,7 +33,7 @@ from ray_eval.errors import (
 )
 from ray_eval.metrics import EvalResult
 from ray_eval.planning import Chunk, EvalRequest, EvaluationPlan, RequestOrder
-from ray_eval.resources import free_text, nodes_that_fit, resources_text
+from ray_eval.resources import free_text, nodes_that_fit, requested_resources, resources_text
 from ray_eval.worker import RemoteWorker, WorkerInfo
 
 PLACEMENT_STRATEGIES = {
@@ -139,11 +139,12 @@ class WorkerPool:
             for call in pending:
                 call.cancel()
             waiting = [i for i, c in enumerate(calls) if c in pending]
+            request = requested_resources(self._config.worker_resources, self._config.actor_options)
             raise ResourceUnavailableError(
                 f"{len(waiting)} of {len(calls)} workers did not start within "
                 f"{self._config.startup_timeout:g} s (worker indices {waiting}); each asks for "
-                f"{resources_text(self._config.worker_resources)}; "
-                + free_text(self._config.worker_resources)
+                f"{resources_text(request)}; "
+                + free_text(request)
                 + " (or the workers are only slow to build their envs: then raise "
                 "startup_timeout)"
             )

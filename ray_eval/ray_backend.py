@@ -24,7 +24,7 @@ from ray_eval.errors import (
 from ray_eval.metrics import EvalResult
 from ray_eval.planning import EvalRequest, EvaluationPlan
 from ray_eval.pool import PoolConfig, WorkerPool
-from ray_eval.resources import check_resources
+from ray_eval.resources import check_resources, requested_resources
 from ray_eval.weights import EnvState, Payload
 from ray_eval.worker import WorkerConfig, WorkerInfo
 
@@ -35,7 +35,10 @@ class RayBackend:
     def __init__(
         self, config: PoolConfig, plan: EvaluationPlan, worker_config: WorkerConfig, policy
     ) -> None:
-        check_resources(config.worker_resources, config.num_workers)
+        # What each worker really asks for: actor_options override the per-worker amounts.
+        check_resources(
+            requested_resources(config.worker_resources, config.actor_options), config.num_workers
+        )
         # Pickled here and unpickled only by the workers: the pool actor passes
         # them on without importing torch, TorchRL or the user's env code.
         config_blob = ray.cloudpickle.dumps(worker_config)

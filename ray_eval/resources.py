@@ -8,14 +8,37 @@ evaluator's ``startup_timeout``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import ray
 
 from ray_eval.errors import ResourceUnavailableError
 
 
+def requested_resources(
+    worker_resources: dict[str, float], actor_options: dict[str, Any]
+) -> dict[str, float]:
+    """What each worker actor really asks Ray for.
+
+    ``worker_resources`` with ``actor_options``' ``num_cpus``, ``num_gpus``,
+    ``resources`` and ``memory`` applied, as ``.options()`` applies them when the
+    pool creates a worker: they override, and ``resources`` replaces the custom
+    resources as a whole.
+    """
+    requested = dict(worker_resources)
+    if actor_options.get("resources") is not None:
+        requested = {k: v for k, v in requested.items() if k in ("CPU", "GPU")}
+        requested.update(actor_options["resources"])
+    for option, key in (("num_cpus", "CPU"), ("num_gpus", "GPU"), ("memory", "memory")):
+        if actor_options.get(option) is not None:
+            requested[key] = actor_options[option]
+    return requested
+
+
 def check_resources(worker_resources: dict[str, float], num_workers: int) -> None:
     """Fail fast when the cluster can never host the workers (no node fits one, or
-    the cluster's total is short)."""
+    the cluster's total is short). ``worker_resources``: what each worker asks for
+    (``requested_resources``)."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     fits_one = [
         n
@@ -40,7 +63,8 @@ def check_resources(worker_resources: dict[str, float], num_workers: int) -> Non
             raise ResourceUnavailableError(
                 f"{num_workers} workers x {amount:g} {key} = {amount * num_workers:g} {key}, "
                 f"but the cluster has {total.get(key, 0):g} {key} in all; use fewer workers "
-                f"(num_workers) or less per worker (num_cpus_per_worker / num_gpus_per_worker)"
+                f"(num_workers) or less per worker (num_cpus_per_worker / num_gpus_per_worker, "
+                f"or num_cpus / num_gpus in actor_options)"
             )
 
 
