@@ -40,10 +40,12 @@ def episode_seeds(seed: int, step: int, num_episodes: int) -> np.ndarray:
     same seeds (common random numbers): member differences are not seed noise,
     and a member evaluated alone gives the same episodes as within the suite.
     """
-    return np.array(
-        [np.random.SeedSequence([seed, step, i]).generate_state(1)[0] for i in range(num_episodes)],
-        dtype=np.int64,
-    )
+    return np.array([episode_seed(seed, step, i) for i in range(num_episodes)], dtype=np.int64)
+
+
+def episode_seed(seed: int, step: int, episode: int) -> int:
+    """The reset seed of one episode (see ``episode_seeds``)."""
+    return int(np.random.SeedSequence([seed, step, episode]).generate_state(1)[0])
 
 
 def chunk_size(num_episodes: int, num_workers: int, envs_per_worker: int) -> int:
@@ -94,23 +96,33 @@ def plan_chunks(
 
     ``members`` maps a suite member's name to its number of episodes (one entry,
     ``""``, for a plain evaluator). The first ``record_episodes`` episodes of
-    each member are marked for video recording. Members in ``vector_members``
-    run on a native vector env and are cut by ``vector_chunk_size``.
+    each member are marked for video recording.
+
+    Members in ``vector_members`` run on a native vector env, which is seeded
+    once per chunk: they are cut by ``vector_chunk_size``, and every episode of
+    a chunk carries the chunk's seed, the seed of its first episode (one hash
+    per chunk, not per episode: such evaluations run 10^5 episodes and more).
     """
     chunks: list[Chunk] = []
     total = sum(members.values())
     for member, count in members.items():
-        seeds = episode_seeds(seed, step, count)
-        # Share the workers between members in proportion to their episodes.
-        workers_here = max(1, round(num_workers * count / max(total, 1)))
-        if member in vector_members:
+        vector = member in vector_members
+        if vector:
             size = vector_chunk_size(count, envs_per_worker)
         else:
+            seeds = episode_seeds(seed, step, count)
+            # Share the workers between members in proportion to their episodes.
+            workers_here = max(1, round(num_workers * count / max(total, 1)))
             size = chunk_size(count, workers_here, envs_per_worker)
         for start in range(0, count, size):
             idx = np.arange(start, min(start + size, count), dtype=np.int64)
+            chunk_seeds = (
+                np.full(len(idx), episode_seed(seed, step, start), dtype=np.int64)
+                if vector
+                else seeds[idx]
+            )
             chunks.append(
-                Chunk(member=member, indices=idx, seeds=seeds[idx], record=idx < record_episodes)
+                Chunk(member=member, indices=idx, seeds=chunk_seeds, record=idx < record_episodes)
             )
     return chunks
 

@@ -6,11 +6,12 @@ given episode seed. So this loop differs from ``rollout.py``'s in two ways:
 
 * **Seeding per chunk.** The vector env is seeded once at the start of each
   chunk with the chunk's seed, the planned seed of the chunk's first episode
-  (itself derived from ``(seed, step, episode index)``); the vector env derives
-  its slots' seeds from it (EnvPool and gymnasium's ``SyncVectorEnv`` give slot
-  ``k`` seed ``+ k``). A chunk, run again on any worker, gives the same
-  episodes; the numbers depend on how episodes are cut into chunks, which for
-  vector envs depends on ``num_trajectories`` and ``envs_per_worker`` only
+  (derived from ``(seed, step, episode index)``; every episode of the chunk
+  carries it as its seed); the vector env derives its slots' seeds from it
+  (EnvPool and gymnasium's ``SyncVectorEnv`` give slot ``k`` seed ``+ k``). A
+  chunk, run again on any worker, gives the same episodes; the numbers depend
+  on how episodes are cut into chunks, which for vector envs depends on
+  ``num_trajectories`` and ``envs_per_worker`` only
   (``planning.vector_chunk_size``), not on the number of workers.
 * **Per-slot quotas.** Which episodes count is fixed before anything runs:
   slot ``k`` of ``n`` runs the chunk's episodes ``k, k + n, k + 2n, ...``, i.e.

@@ -21,7 +21,7 @@ from torch import nn
 from ray_eval import Evaluator
 from ray_eval.envs import as_env_factory
 from ray_eval.factories import MLPPolicy
-from ray_eval.planning import Chunk, episode_seeds, plan_chunks
+from ray_eval.planning import Chunk, episode_seed, episode_seeds, plan_chunks
 from ray_eval.vector_rollout import NEXT_STEP, SAME_STEP, chunk_seed
 from ray_eval.worker import EvalWorker, WorkerConfig
 
@@ -160,6 +160,8 @@ def test_numbers_depend_on_episodes_and_slots_not_on_workers():
     ]
     assert [c.indices.tolist() for c in plans[0]] == [c.indices.tolist() for c in plans[1]]
     assert len(plans[0]) > 1 and all(len(c) % 16 == 0 for c in plans[0][:-1])
+    for c in plans[0]:  # one seed per chunk, from (seed, step, its first episode)
+        np.testing.assert_array_equal(c.seeds, episode_seed(1, 2, int(c.indices[0])))
     first, second = (worker("envpool:CartPole-v1", cartpole_mlp(), 16) for _ in range(2))
     forward = [first.run(c) for c in plans[0]]
     backward = [second.run(c) for c in reversed(plans[1])][::-1]
