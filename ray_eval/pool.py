@@ -118,35 +118,45 @@ class WorkerPool:
         # Chunks go to the other workers until this one has started.
         self._recovering[index] = asyncio.ensure_future(self._until_back(index))
 
-    async def start(self) -> list[WorkerInfo]:
-        """Wait until every worker has built its envs and policy (bounded)."""
+    async def start(self, autoscaler: str | None = None) -> list[WorkerInfo]:
+        """Wait until every worker has built its envs and policy (bounded).
+
+        ``autoscaler``: the cluster's autoscaler (``"the cluster's autoscaler (v2)"``)
+        when it can add nodes; the wait then includes theirs, and a timeout says so.
+        """
+        timeout = self._config.startup_timeout
+        request = requested_resources(self._config.worker_resources, self._config.actor_options)
+        # Where the workers' nodes may still be on their way, say who was late.
+        late = f"{autoscaler} did not provide the nodes in time; " if autoscaler else ""
         if self._pg is not None:
             try:
-                await asyncio.wait_for(self._pg.ready(), self._config.startup_timeout)
+                await asyncio.wait_for(self._pg.ready(), timeout)
             except asyncio.TimeoutError:
                 raise ResourceUnavailableError(
                     f"placement group of {self._config.num_workers} bundles of "
                     f"{resources_text(self._config.worker_resources)} "
-                    f"({self._config.placement}) could not be placed within "
-                    f"{self._config.startup_timeout:g} s; "
+                    f"({self._config.placement}) could not be placed within {timeout:g} s; "
+                    + late
                     + free_text(self._config.worker_resources)
                     + f"; {nodes_that_fit(self._config.worker_resources)} node(s) can hold "
                     f"a bundle"
                 ) from None
         calls = [asyncio.wrap_future(w.describe.remote().future()) for w in self._workers]
-        _, pending = await asyncio.wait(calls, timeout=self._config.startup_timeout)
+        _, pending = await asyncio.wait(calls, timeout=timeout)
         if pending:
             for call in pending:
                 call.cancel()
             waiting = [i for i, c in enumerate(calls) if c in pending]
-            request = requested_resources(self._config.worker_resources, self._config.actor_options)
             raise ResourceUnavailableError(
-                f"{len(waiting)} of {len(calls)} workers did not start within "
-                f"{self._config.startup_timeout:g} s (worker indices {waiting}); each asks for "
-                f"{resources_text(request)}; "
+                f"{len(waiting)} of {len(calls)} workers did not start within {timeout:g} s "
+                f"(worker indices {waiting}); {late}each asks for {resources_text(request)}; "
                 + free_text(request)
-                + " (or the workers are only slow to build their envs: then raise "
-                "startup_timeout)"
+                + (
+                    " (or the nodes or the workers are slow to start: then raise startup_timeout)"
+                    if autoscaler
+                    else " (or the workers are only slow to build their envs: then raise "
+                    "startup_timeout)"
+                )
             )
         infos = []
         for index, call in enumerate(calls):

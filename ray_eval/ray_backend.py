@@ -10,6 +10,7 @@ Ray instance, which at interpreter exit means a process that never ends.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, TaskCancelledError
@@ -24,7 +25,13 @@ from ray_eval.errors import (
 from ray_eval.metrics import EvalResult
 from ray_eval.planning import EvalRequest, EvaluationPlan
 from ray_eval.pool import PoolConfig, WorkerPool
-from ray_eval.resources import check_resources, requested_resources
+from ray_eval.resources import (
+    FIRST_REPORT_WAIT,
+    Autoscaler,
+    check_resources,
+    find_autoscaler,
+    requested_resources,
+)
 from ray_eval.weights import EnvState, Payload
 from ray_eval.worker import WorkerConfig, WorkerInfo
 
@@ -35,10 +42,19 @@ class RayBackend:
     def __init__(
         self, config: PoolConfig, plan: EvaluationPlan, worker_config: WorkerConfig, policy
     ) -> None:
-        # What each worker really asks for: actor_options override the per-worker amounts.
-        check_resources(
-            requested_resources(config.worker_resources, config.actor_options), config.num_workers
-        )
+        # What each worker really asks for (actor_options override the per-worker
+        # amounts). Where an autoscaler can add nodes, too little now is normal:
+        # the workers are requested and waited for instead.
+        request = requested_resources(config.worker_resources, config.actor_options)
+        autoscaler = find_autoscaler()
+        if autoscaler is None:
+            try:
+                check_resources(request, config.num_workers)
+            except ResourceUnavailableError:
+                # A cluster started moments ago: its autoscaler may not have reported yet.
+                autoscaler = find_autoscaler(wait=FIRST_REPORT_WAIT)
+                if autoscaler is None:
+                    raise
         # Pickled here and unpickled only by the workers: the pool actor passes
         # them on without importing torch, TorchRL or the user's env code.
         config_blob = ray.cloudpickle.dumps(worker_config)
@@ -63,7 +79,8 @@ class RayBackend:
         # pool's own start (a zero-CPU actor, so only a broken cluster delays it).
         bound = config.startup_timeout + 60
         try:
-            self.workers: list[WorkerInfo] = ray.get(self._pool.start.remote(), timeout=bound)
+            started = self._pool.start.remote(str(autoscaler) if autoscaler else None)
+            self.workers: list[WorkerInfo] = _await_start(started, bound, autoscaler, request)
             self._worker_ids = ray.get(self._pool.actor_ids.remote(), timeout=60)
         except GetTimeoutError:
             self.shutdown(timeout=5)
@@ -141,6 +158,21 @@ class RayBackend:
         if pool is not None and ray.is_initialized():
             with contextlib.suppress(Exception):
                 ray.kill(pool, no_restart=True)
+
+
+def _await_start(started: ray.ObjectRef, bound: float, autoscaler: Autoscaler | None, request):
+    """``WorkerPool.start``'s result; meanwhile, on an autoscaling cluster, fail as soon
+    as the autoscaler says no node it can add would host a worker."""
+    if autoscaler is None:
+        return ray.get(started, timeout=bound)
+    deadline = time.monotonic() + bound
+    while not ray.wait([started], timeout=min(1.0, max(0.0, deadline - time.monotonic())))[0]:
+        if time.monotonic() >= deadline:
+            raise GetTimeoutError
+        reason = autoscaler.infeasible(request)
+        if reason is not None:
+            raise ResourceUnavailableError(reason)
+    return ray.get(started)
 
 
 def _check_ray_up() -> None:
