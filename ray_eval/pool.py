@@ -76,7 +76,9 @@ class WorkerPool:
         self._handle = ray.get_runtime_context().current_actor
         self._pg = None
         if config.placement is not None:
-            bundles = [dict(config.worker_resources) for _ in range(config.num_workers)]
+            # A bundle holds what a worker really asks for (actor_options applied).
+            request = requested_resources(config.worker_resources, config.actor_options)
+            bundles = [{k: v for k, v in request.items() if v} for _ in range(config.num_workers)]
             self._pg = placement_group(bundles, strategy=PLACEMENT_STRATEGIES[config.placement])
         self._workers = [self._create_worker(i) for i in range(config.num_workers)]
         self._deaths = [0] * config.num_workers  # deaths seen while running a chunk
