@@ -9,8 +9,8 @@ come from per-slot generators the test reads itself.
 from __future__ import annotations
 
 import functools
+import importlib.util
 
-import envpool
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -26,6 +26,11 @@ from ray_eval.vector_rollout import NEXT_STEP, SAME_STEP, chunk_seed
 from ray_eval.worker import EvalWorker, WorkerConfig
 
 LONG = 40  # CoinFlipVectorEnv's long episodes
+
+# EnvPool is in the test extras where it has wheels (Python >= 3.11, Linux).
+needs_envpool = pytest.mark.skipif(
+    importlib.util.find_spec("envpool") is None, reason="EnvPool is not installed"
+)
 
 
 def cartpole_mlp() -> nn.Module:
@@ -121,7 +126,10 @@ def test_each_slot_counts_its_first_episodes_whatever_their_length(autoreset, ma
     assert 5 < (expected == 1).sum() < 25  # both kinds are there to be biased against
 
 
+@needs_envpool
 def test_envpool_chunk_matches_a_slot_by_slot_replay():
+    import envpool
+
     policy = cartpole_mlp()
     chunk = chunk_of(30)
     batch = worker("envpool:CartPole-v1", policy, 8).run(chunk)
@@ -149,6 +157,7 @@ def test_envpool_chunk_matches_a_slot_by_slot_replay():
     assert batch.lengths.min() >= 8  # CartPole cannot fall sooner
 
 
+@needs_envpool
 def test_numbers_depend_on_episodes_and_slots_not_on_workers():
     # Vector chunks seed their env, so the chunking decides the numbers: it is the same
     # for 1 and 3 workers, and a chunk gives the same episodes on any worker, in any order.
@@ -172,6 +181,7 @@ def test_numbers_depend_on_episodes_and_slots_not_on_workers():
     assert len(set(np.concatenate([b.lengths for b in forward]).tolist())) > 1
 
 
+@needs_envpool
 def test_two_ray_workers_count_exactly_and_reproducibly(ray_local):
     env = {"envpool": "envpool:CartPole-v1", "gymnasium": "vector:CartPole-v1"}
     with Evaluator(
@@ -196,11 +206,19 @@ def test_two_ray_workers_count_exactly_and_reproducibly(ray_local):
 
 
 def envpool_without_seed(num_envs):
+    import envpool
+
     return envpool.make_gymnasium("CartPole-v1", num_envs=num_envs)
 
 
 def envpool_without_num_envs():
+    import envpool
+
     return envpool.make_gymnasium("CartPole-v1", num_envs=4)
+
+
+def gym_vector_without_num_envs():
+    return gym.make_vec("CartPole-v1", num_envs=4, vectorization_mode="vector_entry_point")
 
 
 @pytest.mark.parametrize(
@@ -210,12 +228,14 @@ def envpool_without_num_envs():
         ("vector:Pendulum-v1", {}, ValueError, "no vector_entry_point"),
         ("envpool:CartPole-v1", {"record_video": 1}, ValueError, "native vector env"),
         (envpool_without_num_envs, {}, TypeError, "give it a num_envs parameter"),
+        (gym_vector_without_num_envs, {}, TypeError, "give it a num_envs parameter"),
         (envpool_without_seed, {}, TypeError, "give the factory a seed parameter"),
         ("envpool:CartPole-v1", {"metrics_fn": lambda td: {}}, TypeError, "episode_metrics_fn"),
         ("vector:CartPole-v1", {"policy": nn.Linear(4, 3)}, TypeError, r"\(16, 2\) one-hot"),
         ("envpool:CartPole-v1", {"policy": lambda obs: obs[:, 0] * 0 + 2}, TypeError, "outside"),
     ],
 )
+@needs_envpool
 def test_what_cannot_run_on_a_vector_env_says_why_at_construction(env, kwargs, error, words):
     kwargs = {"policy": cartpole_mlp(), "envs_per_worker": 16, **kwargs}
     with pytest.raises(error, match=words):
