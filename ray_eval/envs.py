@@ -484,8 +484,10 @@ class VectorFactory(VectorSource):
         return _name(self.factory)
 
 
-def vector_source_from_id(env_id: str) -> VectorSource | None:
-    """``"envpool:<task id>"`` or ``"vector:<gymnasium id>"`` as a source; ``None`` otherwise."""
+def vector_source_from_id(env_id: str, kwargs: dict | None = None) -> VectorSource | None:
+    """``"envpool:<task id>"`` or ``"vector:<gymnasium id>"`` as a source (built with
+    ``kwargs``, e.g. a config's); ``None`` for any other id. Raises ``ValueError`` for
+    an unknown task or id."""
     if env_id.startswith(ENVPOOL_PREFIX):
         task = env_id[len(ENVPOOL_PREFIX) :]
         try:
@@ -496,7 +498,7 @@ def vector_source_from_id(env_id: str) -> VectorSource | None:
             ) from None
         if task not in envpool.list_all_envs():
             raise ValueError(f"env {env_id!r}: {task!r} is not an EnvPool task id")
-        return EnvPoolMake(task)
+        return EnvPoolMake(task, dict(kwargs or {}))
     if env_id.startswith(VECTOR_PREFIX):
         name = env_id[len(VECTOR_PREFIX) :]
         if name not in gym.registry:
@@ -506,7 +508,7 @@ def vector_source_from_id(env_id: str) -> VectorSource | None:
                 f"env {env_id!r}: gymnasium's {name!r} has no vector_entry_point (a native "
                 f"vector env); pass {name!r} itself, which ray_eval batches on its own"
             )
-        return GymVectorMake(name)
+        return GymVectorMake(name, dict(kwargs or {}))
     return None
 
 
