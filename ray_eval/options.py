@@ -18,7 +18,7 @@ from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType
 
 from ray_eval.env_parts import freeze_normalization
-from ray_eval.envs import as_env_factory
+from ray_eval.envs import as_env_factory, vector_members
 from ray_eval.planning import EvaluationPlan
 from ray_eval.pool import PLACEMENT_STRATEGIES, PoolConfig
 from ray_eval.video import VIDEO_FORMATS
@@ -155,6 +155,7 @@ def build_configs(
         metrics_fn=a["metrics_fn"],
         traj_format=(a["collector_kwargs"] or {}).get("traj_format", "pad"),
         dump_video=bool(a["dump_video"]),
+        vector_members=vector_members(factories),
     )
     return worker_config, plan
 

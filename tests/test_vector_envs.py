@@ -203,6 +203,21 @@ def test_two_ray_workers_count_exactly_and_reproducibly(ray_local):
         repeat = again.episodes.select(member)
         np.testing.assert_array_equal(episodes.returns, repeat.returns)
         assert not np.array_equal(episodes.returns, later.episodes.select(member).returns)
+    # The contract: the numbers depend on (seed, step, episodes, envs_per_worker), not on
+    # the number of workers.
+    with Evaluator(
+        env,
+        policy_factory=MLPPolicy((64, 64), init_seed=0),
+        num_workers=0,
+        num_trajectories=200,
+        envs_per_worker=16,
+        seed=7,
+    ) as ev:
+        in_process = ev.evaluate(step=3)
+    for member in env:
+        np.testing.assert_array_equal(
+            in_process.episodes.select(member).returns, first.episodes.select(member).returns
+        )
 
 
 def envpool_without_seed(num_envs):
