@@ -162,12 +162,45 @@ def torchrl_rate(scenario: Scenario, repeats: int) -> Rate:
         evaluator.shutdown()
 
 
+def save_plot(measured: dict, path: Path) -> None:
+    """ray_eval's steps/s over the raw loop's, per scenario, with the 2-core limit marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(measured)
+    ratios = [
+        measured[n]["ray_eval"]["steps_per_s"] / measured[n]["raw"]["steps_per_s"] for n in names
+    ]
+    fig, ax = plt.subplots(figsize=(8.0, 3.8))
+    ax.barh(names, ratios, color="tab:blue", label="ray_eval, 2 workers")
+    for y, r in enumerate(ratios):
+        ax.text(r, y, f" {r:.2f}x", va="center", fontsize=9)
+    ax.axvline(1.0, color="tab:green", ls="--", label="raw loop, 1 process")
+    ax.axvline(2.0, color="grey", ls=":", label="2 cores")
+    ax.axvline(1.8, color="tab:red", ls="-.", lw=0.8, label="target 1.8x")
+    ax.set_xlim(0, 2.3)
+    ax.invert_yaxis()
+    ax.set_xlabel("env steps/s relative to the raw one-process loop")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.4, -0.2), ncols=4, fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a fast smoke run")
     parser.add_argument("--repeats", type=int, default=None, help="runs per median")
     parser.add_argument("--results", type=Path)
+    parser.add_argument("--plot", type=Path, help="only plot a results JSON of an earlier run")
     args = parser.parse_args(argv)
+    if args.plot:
+        save_plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        print(f"plot: {args.plot.with_suffix('.png')}")
+        return 0
     repeats = args.repeats or (2 if args.quick else 5)
     results_dir = args.results or RESULTS_DIR
     print(f"ray_eval heavy-workload benchmark ({'quick' if args.quick else 'full'} run)")
@@ -213,7 +246,8 @@ def main(argv=None) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"heavy{'_quick' if args.quick else ''}.json"
     path.write_text(json.dumps(measured, indent=1, default=jsonable))
-    print(f"\nresults: {path}")
+    save_plot(json.loads(path.read_text()), path.with_suffix(".png"))
+    print(f"\nresults: {path}\nplot: {path.with_suffix('.png')}")
     return 0
 
 
