@@ -35,7 +35,6 @@ here asserts a speed.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import sys
@@ -49,6 +48,7 @@ import gymnasium as gym
 import numpy as np
 import ray
 import torch
+from harness import start_ray
 from torch import nn
 
 WORKERS = 2
@@ -229,14 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         f"python {sys.version.split()[0]}, torch {torch.__version__}, ray {ray.__version__}, "
         f"envpool {envpool.__version__}, gymnasium {gym.__version__}"
     )
-    os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray spells it so): as this process
-    ray.init(
-        address="local",
-        num_cpus=max(4, os.cpu_count() or 1),
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    start_ray()  # Ray's workers at nice 0, as this process
     evaluators = {}
     try:
         for label, env in (("envpool", "envpool:CartPole-v1"), ("gymnasium", "vector:CartPole-v1")):
