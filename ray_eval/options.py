@@ -125,6 +125,19 @@ def default_num_workers(cpus_per_worker: float, episodes: int) -> int:
     return max(1, min(fit, episodes))
 
 
+def slots_for(factories: dict[str, Any], episodes: int, envs_per_worker: int) -> dict[str, int]:
+    """Env slots per member: the batch the policy is called on at every step.
+
+    It must not depend on the number of workers (a batched matrix product gives
+    bit-for-bit different rows for different batch sizes), and every chunk fits
+    in it: no chunk has more episodes than its member. A batch no larger than
+    the member's episodes keeps a short evaluation on many workers from paying
+    for ``envs_per_worker`` rows at every step (32 HalfCheetah episodes on 2
+    workers: 16 running slots in a batch of 32, not of 64).
+    """
+    return {member: min(envs_per_worker, episodes) for member in factories}
+
+
 def build_configs(
     a: dict[str, Any], factories: dict[str, Any], *, use_ray: bool
 ) -> tuple[WorkerConfig, EvaluationPlan]:
@@ -134,6 +147,7 @@ def build_configs(
         policy_factory=a["policy_factory"],
         exploration_type=ExplorationType(a["exploration_type"]).name,
         envs_per_worker=a["envs_per_worker"],
+        slots=slots_for(factories, a["num_trajectories"], a["envs_per_worker"]),
         max_steps=a["max_steps"],
         fast_path=a["fast_path"],
         device=a["device"],

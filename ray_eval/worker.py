@@ -33,6 +33,9 @@ class WorkerConfig:
     policy_factory: Any = None
     exploration_type: str = "DETERMINISTIC"  # a torchrl ExplorationType name
     envs_per_worker: int = 64
+    # Env slots per suite member, which is the policy's batch: envs_per_worker, or
+    # the member's episode count if smaller (see ``slots_for``).
+    slots: dict[str, int] = field(default_factory=dict)
     max_steps: int | None = None
     fast_path: bool = True
     device: str | None = None  # None: the GPU Ray assigned, else the CPU
@@ -107,7 +110,7 @@ class EvalWorker:
                 FrozenNormalization(factory),
                 env,
                 self.policy,
-                batch_size=config.envs_per_worker,
+                batch_size=config.slots.get(member, config.envs_per_worker),
                 max_steps=config.max_steps,
                 device=self.device,
                 fast_path=config.fast_path,
