@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import os
 import statistics
 import time
@@ -143,6 +144,53 @@ def start_ray(worker_niceness: int = 0, *, dashboard: bool = False) -> None:
         log_to_driver=False,
         _system_config={"free_objects_period_milliseconds": 20},  # as ray_eval's own instance
     )
+
+
+class RawLoopInProcesses:
+    """The raw loop split over ``processes`` plain processes, no Ray: the most that
+    ``processes`` cores give on this machine, measured, not assumed.
+
+    ``make_run`` (picklable) builds, in each process, a raw loop over that process's
+    share of the episodes. Calling the object runs every process's loop once, all
+    at the same time, and returns their env steps. On a virtual machine two vCPUs
+    are not always two whole cores (they may be hyperthreads of one, or share
+    caches and memory bandwidth), so the ceiling can sit well below 2x the
+    one-process loop; ray_eval cannot beat it.
+    """
+
+    def __init__(self, make_run: Callable[[], Callable[[], int]], processes: int = 2) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pipes = []
+        self._processes = []
+        for _ in range(processes):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_serve_runs, args=(make_run, theirs), daemon=True)
+            process.start()
+            self._pipes.append(ours)
+            self._processes.append(process)
+        for pipe in self._pipes:
+            pipe.recv()  # built and warmed up
+
+    def __call__(self) -> int:
+        for pipe in self._pipes:
+            pipe.send("run")
+        return sum(pipe.recv() for pipe in self._pipes)
+
+    def close(self) -> None:
+        for pipe in self._pipes:
+            pipe.send(None)
+        for process in self._processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+
+
+def _serve_runs(make_run: Callable[[], Callable[[], int]], pipe) -> None:
+    run = make_run()
+    run()
+    pipe.send("ready")
+    while pipe.recv() is not None:
+        pipe.send(run())
 
 
 def jsonable(obj):
