@@ -24,11 +24,13 @@ from ray_eval.episodes import EpisodeData
 from ray_eval.metrics import (
     BOOTSTRAP_SAMPLES,
     CONFIDENCE,
-    _iqm_of_sorted_rows,
-    _mean_rows,
+    EXACT_LIMIT,
+    IQM,
+    MEAN,
     aggregate,
     bootstrap_ci,
     bootstrap_rng,
+    compare_results,
 )
 
 SCIPY_RESAMPLES = 100_000  # scipy's side is 50x more precise than ours: the noise is ours
@@ -80,26 +82,56 @@ def endpoint_tolerance(distribution: np.ndarray, p: float) -> float:
     h = 0.01
     q_low, q_high = np.quantile(distribution, [p - h, p + h])
     sparsity = (q_high - q_low) / (2 * h)
-    se = sparsity * math.sqrt(p * (1 - p) * (1 / BOOTSTRAP_SAMPLES + 1 / SCIPY_RESAMPLES))
+    se = sparsity * math.sqrt(p * (1 - p) * (1 / BOOTSTRAP_SAMPLES + 1 / len(distribution)))
     return 4 * se
 
 
-@pytest.mark.parametrize("name", list(SAMPLES))
+def _large_samples():
+    """Samples past EXACT_LIMIT episodes, where intervals take their large-sample forms."""
+    rng = np.random.default_rng(7)
+    short_cartpole = rng.geometric(0.08, 20_000).astype(float) + 8  # random-policy-like
+    return {
+        # many episodes, few distinct returns: multinomial counts of each value
+        "20,000 cartpole-like episodes, integer returns": short_cartpole,
+        "5,000 scores in 0-20, ties": rng.integers(0, 21, 5000).astype(float),
+        # many distinct returns too: the normal-theory interval
+        "3,000 lognormal, skewness 6": rng.lognormal(0.0, 1.0, 3000),
+        "3,000 normal": rng.normal(-150.0, 40.0, 3000),
+    }
+
+
+LARGE_SAMPLES = _large_samples()
+
+
+def scipy_bootstrap(values: np.ndarray, statistic, resamples: int):
+    return stats.bootstrap(
+        (values,),
+        statistic,
+        n_resamples=resamples,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        vectorized=True,
+        batch=max(1, 10_000_000 // len(values)),  # memory-bounded
+        rng=np.random.default_rng(99),
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [*SAMPLES, *LARGE_SAMPLES],
+)
 @pytest.mark.parametrize(
     ("key", "statistic"), [("reward", np.mean), ("reward_iqm", iqm_statistic)], ids=["mean", "iqm"]
 )
 def test_bootstrap_intervals_agree_with_scipy(name, key, statistic):
-    values = SAMPLES[name]
+    """Also past ``EXACT_LIMIT``: the counts form, and the normal-theory interval for many
+    distinct returns, agree with scipy's full bootstrap as closely as the small-sample one."""
+    values = SAMPLES.get(name, LARGE_SAMPLES.get(name))
+    large = len(values) > EXACT_LIMIT
+    if large:
+        assert (len(np.unique(values)) > EXACT_LIMIT) == ("normal" in name)
     ours = result_of(values, seed=7, step=3)
-    theirs = stats.bootstrap(
-        (values,),
-        statistic,
-        n_resamples=SCIPY_RESAMPLES,
-        confidence_level=CONFIDENCE,
-        method="percentile",
-        vectorized=True,
-        rng=np.random.default_rng(99),
-    )
+    theirs = scipy_bootstrap(values, statistic, 10_000 if large else SCIPY_RESAMPLES)
     alpha = (1 - CONFIDENCE) / 2
     distribution = theirs.bootstrap_distribution
     low, high = theirs.confidence_interval
@@ -115,7 +147,7 @@ def test_bootstrap_intervals_agree_with_scipy(name, key, statistic):
 def test_a_ninety_percent_interval_would_not_pass_for_ninety_five():
     """The tolerance above is tight enough to catch a wrong confidence level."""
     values = SAMPLES["exponential n=50"]
-    ours = bootstrap_ci(values, _mean_rows, bootstrap_rng(7, 3), confidence=0.90)
+    ours = bootstrap_ci(values, MEAN, bootstrap_rng(7, 3), confidence=0.90)
     theirs = stats.bootstrap(
         (values,),
         np.mean,
@@ -161,14 +193,14 @@ COVERAGE = {
     "normal, mean": (
         lambda rng: rng.normal(3.0, 2.0, SAMPLE_SIZE),
         3.0,
-        _mean_rows,
+        MEAN,
         (_normal_mean_coverage(SAMPLE_SIZE), 0.0),
     ),
     # a symmetric distribution's IQM (25% trimmed mean) is its centre
     "normal, iqm": (
         lambda rng: rng.normal(3.0, 2.0, SAMPLE_SIZE),
         3.0,
-        _iqm_of_sorted_rows,
+        IQM,
         SCIPY_NORMAL_IQM_COVERAGE,
     ),
     # skewed (skewness 2): the percentile interval undercovers more, its two-sided coverage
@@ -176,7 +208,7 @@ COVERAGE = {
     "exponential, mean": (
         lambda rng: rng.exponential(1.0, SAMPLE_SIZE),
         1.0,
-        _mean_rows,
+        MEAN,
         SCIPY_EXPONENTIAL_MEAN_COVERAGE,
     ),
 }
@@ -201,3 +233,26 @@ def test_nominal_95_percent_intervals_cover_the_true_value(name):
     coverage = hits / N_SAMPLES
     se = math.sqrt(expected * (1 - expected) / N_SAMPLES + expected_se**2)
     assert abs(coverage - expected) <= 3.5 * se, (coverage, expected, se)
+
+
+@pytest.mark.parametrize("kind", ["integer returns", "continuous returns"])
+def test_compare_results_of_large_evaluations_matches_welch(kind):
+    """100,000 episodes a side (a vector-env evaluation): the bootstrap interval of the
+    difference (counts of each integer return, or normal draws past EXACT_LIMIT distinct
+    returns) agrees with Welch's normal-theory interval, and a 0.03 shift is found."""
+    rng = np.random.default_rng(5)
+    if kind == "integer returns":
+        a = rng.poisson(20.0, 100_000).astype(float)
+        b = rng.poisson(20.15, 100_000).astype(float)
+    else:
+        a = rng.normal(0.0, 1.0, 100_000)
+        b = rng.normal(0.03, 1.0, 100_000)
+    assert (len(np.unique(a)) > EXACT_LIMIT) == (kind == "continuous returns")
+    comparison = compare_results(a, b, method="bootstrap")
+    difference = b.mean() - a.mean()
+    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    z = stats.norm.ppf(0.975)
+    # the percentile endpoints of 2,000 draws: Monte-Carlo error about 0.06 se
+    assert comparison.ci_low == pytest.approx(difference - z * se, abs=0.25 * se)
+    assert comparison.ci_high == pytest.approx(difference + z * se, abs=0.25 * se)
+    assert comparison.significant and comparison.p_value < 0.01
