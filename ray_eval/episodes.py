@@ -28,6 +28,8 @@ class EpisodeBatch:
     seconds: float = 0.0  # wall time of the chunk's rollout
     worker: int = -1  # filled in by whoever ran it
     weights_id: str = ""  # object-store id of the weights it ran with ("" for the initial ones)
+    weights_loads: int = 0  # weights payloads its worker read for it (0: they were in already)
+    weights_loaded_bytes: int = 0  # bytes its worker wrote into its policy for it
     trajectories: list | None = None  # per episode, a TensorDict of its steps (metrics_fn)
 
     @property

@@ -159,9 +159,13 @@ class _Runner:
                 self.worker = backend._new_worker()
             started = time.perf_counter()
             weights, env_state = payload
-            self.worker.load_weights(weights, identity=("local", request.seq))
-            self.worker.load_env_state(env_state)
-            batches = [self.worker.run(chunk) for chunk in plan.chunks(request.step, 1)]
+            worker = self.worker
+            loads, loaded_bytes = worker.weights_loads, worker.weights_loaded_bytes
+            worker.load_weights(weights, identity=("local", request.seq))
+            worker.load_env_state(env_state)
+            batches = [worker.run(chunk) for chunk in plan.chunks(request.step, 1)]
+            batches[0].weights_loads = worker.weights_loads - loads
+            batches[0].weights_loaded_bytes = worker.weights_loaded_bytes - loaded_bytes
             result = plan.summarize(
                 batches, request.step, seconds=time.perf_counter() - started, worker_restarts=0
             )

@@ -177,6 +177,11 @@ class EvaluationPlan:
             seed=self.seed,
             metrics_fn=self.episode_metrics_fn,
         )
+        # What the weights cost the workers: 0 and 0 when every worker had them already.
+        metrics[f"{self.prefix}/weights_loads"] = sum(b.weights_loads for b in batches)
+        metrics[f"{self.prefix}/weights_loaded_bytes"] = sum(
+            b.weights_loaded_bytes for b in batches
+        )
         if self.metrics_fn is not None:
             from ray_eval.trajectories import trajectories
 

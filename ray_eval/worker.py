@@ -291,6 +291,7 @@ class RemoteWorker(EvalWorker):
     ) -> EpisodeBatch:
         # The ref arrives boxed in a list so that Ray does not fetch it for every
         # chunk: a worker fetches and loads an evaluation's weights only once.
+        loads, loaded_bytes = self.weights_loads, self.weights_loaded_bytes
         if boxed_weights is None:
             self.load_weights(None)
         else:
@@ -304,6 +305,8 @@ class RemoteWorker(EvalWorker):
                 self._env_state_id = ref.hex()
         batch = self.run(chunk)
         batch.weights_id = self._loaded or ""
+        batch.weights_loads = self.weights_loads - loads
+        batch.weights_loaded_bytes = self.weights_loaded_bytes - loaded_bytes
         return batch
 
 

@@ -39,9 +39,10 @@ def test_suite_member_metrics_match_separate_evaluations(ray_local):
             if k.startswith(f"eval/{name}/")
         }
         # every statistic of the lone evaluation, bootstrap intervals included, to the last
-        # bit; only what describes the evaluation as a whole (its step, timing, restarts and
-        # step count) has no per-member key
+        # bit; only what describes the evaluation as a whole (its step, timing, restarts,
+        # step count and weight loads) has no per-member key
         whole = {"step", "fps", "wall_time", "worker_restarts", "env_steps"}
+        whole |= {"weights_loads", "weights_loaded_bytes"}
         expected = {k.removeprefix("eval/"): v for k, v in single.items()}
         assert set(member) == set(expected) - whole, name
         assert member == {k: v for k, v in expected.items() if k not in whole}, name
