@@ -309,13 +309,18 @@ def make_rollout(
     def act_td(td):
         return to_action(td.to(device)).cpu()
 
-    rollout = TorchRLRollout(
-        factory, first_env, act_td, batch_size=batch_size, max_steps=max_steps, info_keys=info_keys
+    return TorchRLRollout(
+        factory,
+        first_env,
+        act_td,
+        batch_size=batch_size,
+        max_steps=max_steps,
+        info_keys=info_keys,
+        record_trajectories=record_trajectories,
+        reward_keys=None
+        if reward_keys is None
+        else [_under_next(k) for k in _key_list(reward_keys)],
     )
-    rollout.record_trajectories = record_trajectories
-    if reward_keys is not None:
-        rollout.reward_keys = [_under_next(k) for k in _key_list(reward_keys)]
-    return rollout
 
 
 def _key_list(keys) -> list:

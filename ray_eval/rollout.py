@@ -254,7 +254,18 @@ class TorchRLRollout(_EnvSlots):
     ``set_seed`` then ``reset()``, chosen once from the first copy). ``is_success``
     and ``info_keys`` are read from the step TensorDict, or else from the
     ``info`` of a wrapped gymnasium env.
+
+    ``record_trajectories`` keeps every step of every episode (TorchRL's
+    ``metrics_fn``); ``reward_keys`` (TorchRL's, ``("next", "reward")`` style) are
+    the rewards a return sums, the env's reward key by default.
     """
+
+    def __init__(
+        self, *args, record_trajectories: bool = False, reward_keys=None, **kwargs
+    ) -> None:
+        self.record_trajectories = record_trajectories
+        self._reward_keys = reward_keys
+        super().__init__(*args, **kwargs)
 
     def _setup(self, first_env) -> None:
         self._observation_keys = list(first_env.observation_spec.keys(True, True))
@@ -264,9 +275,7 @@ class TorchRLRollout(_EnvSlots):
         self.done_key = "done" if "done" in done_keys else done_keys[0]
         self._reset = seeded_reset(first_env)
         self._taps = [attach_info_tap(first_env)]
-        self.record_trajectories = False  # set by make_rollout for TorchRL's metrics_fn
-        # TorchRL's reward_keys (("next", "reward") style): the rewards a return sums.
-        self.reward_keys = [self.reward_key]
+        self.reward_keys = list(self._reward_keys or [self.reward_key])
 
     def _adopt(self, env) -> None:
         self._taps.append(attach_info_tap(env))
