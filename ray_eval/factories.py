@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import gymnasium as gym
@@ -367,78 +367,21 @@ def _register_ale() -> None:
     gym.register_envs(ale_py)
 
 
-def _atari_base(
-    env_id: str,
-    frame_skip: int,
-    screen_size: int,
-    noop_max: int,
-    terminal_on_life_loss: bool,
-    repeat_action_probability: float | None,
-    render_mode: str | None,
-    make_kwargs: dict[str, Any],
-) -> gym.Env:
-    from gymnasium.wrappers import AtariPreprocessing
-
-    _register_ale()
-    kwargs = dict(make_kwargs)
-    if repeat_action_probability is not None:
-        kwargs["repeat_action_probability"] = repeat_action_probability
-    # Frame skipping happens in AtariPreprocessing (with the max over the last two
-    # frames), so the ALE env itself must not skip.
-    env = gym.make(env_id, frameskip=1, render_mode=render_mode, **kwargs)
-    return AtariPreprocessing(
-        env,
-        noop_max=noop_max,
-        frame_skip=frame_skip,
-        screen_size=screen_size,
-        terminal_on_life_loss=terminal_on_life_loss,
-        grayscale_obs=True,  # (84, 84) frames, no channel axis: the stack makes the channels
-        scale_obs=False,
-    )
-
-
-def atari_env(
-    env_id: str = "ALE/Pong-v5",
-    *,
-    frame_stack: int = 4,
-    frame_skip: int = 4,
-    screen_size: int = 84,
-    noop_max: int = 30,
-    terminal_on_life_loss: bool = False,
-    repeat_action_probability: float | None = None,
-    render_mode: str | None = None,
-    **make_kwargs: Any,
-) -> gym.Env:
-    """An ALE env with gymnasium's standard DQN preprocessing.
+@dataclass(frozen=True)
+class AtariEnv:
+    """An ALE env with gymnasium's standard DQN preprocessing, as a picklable
+    zero-argument factory: ``Evaluator(AtariEnv("ALE/Pong-v5"), ...)`` builds the env
+    in each worker.
 
     ``gymnasium.make(env_id, frameskip=1)``, then ``AtariPreprocessing`` (up to
     ``noop_max`` no-ops at reset, ``frame_skip`` with the max of the last two
-    frames, ``screen_size``-square grayscale) and ``FrameStackObservation``:
-    observations are ``(frame_stack, 84, 84)`` uint8, what ``NatureCNN`` takes.
-    ``repeat_action_probability`` (sticky actions) keeps the env id's default
-    (0.25 for ``-v5``) unless given. ``render_mode="rgb_array"`` renders the
-    full-size colour screen, for video. A config names it as
-    ``env.factory: ray_eval.factories:atari_env``.
+    frames, ``screen_size``-square grayscale) and a stack of ``frame_stack``
+    frames: observations are ``(frame_stack, 84, 84)`` uint8, what ``NatureCNN``
+    takes. ``repeat_action_probability`` (sticky actions) keeps the env id's
+    default (0.25 for ``-v5``) unless given. ``render_mode="rgb_array"`` renders
+    the full-size colour screen, for video. ``make_kwargs``: more arguments for
+    ``gymnasium.make``.
     """
-    from gymnasium.wrappers import FrameStackObservation
-
-    env = _atari_base(
-        env_id,
-        frame_skip,
-        screen_size,
-        noop_max,
-        terminal_on_life_loss,
-        repeat_action_probability,
-        render_mode,
-        make_kwargs,
-    )
-    return FrameStackObservation(env, frame_stack)
-
-
-@dataclass(frozen=True)
-class AtariEnv:
-    """A picklable zero-argument factory of ``atari_env(env_id, ...)``: pass it as
-    ``Evaluator(AtariEnv("ALE/Pong-v5"), ...)``; ray_eval builds the env in each worker."""
 
     env_id: str = "ALE/Pong-v5"
     frame_stack: int = 4
@@ -448,58 +391,69 @@ class AtariEnv:
     terminal_on_life_loss: bool = False
     repeat_action_probability: float | None = None
     render_mode: str | None = None
+    make_kwargs: tuple[tuple[str, Any], ...] = ()  # (name, value) pairs: keeps it hashable
 
     def __call__(self) -> gym.Env:
-        return atari_env(
-            self.env_id,
-            frame_stack=self.frame_stack,
+        """The gymnasium env (``FrameStackObservation``)."""
+        from gymnasium.wrappers import FrameStackObservation
+
+        return FrameStackObservation(self._preprocessed(), self.frame_stack)
+
+    def torchrl_env(self):
+        """The same env as a TorchRL env: a ``GymWrapper`` over the preprocessed ALE
+        env, with TorchRL transforms for the channel axis and the frame stack
+        (``UnsqueezeTransform``, ``CatFrames``). It runs on TorchRL's general rollout
+        path; its ``"observation"`` is ``(frame_stack, 84, 84)`` uint8 and its actions
+        are one-hot (TorchRL's default). (TorchRL's own ``Resize`` needs torchvision,
+        which is not a dependency, so the resize and grayscale stay gymnasium's.)
+        """
+        from torchrl.envs import CatFrames, Compose, GymWrapper, TransformedEnv, UnsqueezeTransform
+
+        transforms = Compose(
+            UnsqueezeTransform(dim=-3, in_keys=["observation"]),
+            CatFrames(N=self.frame_stack, dim=-3, in_keys=["observation"]),
+        )
+        return TransformedEnv(GymWrapper(self._preprocessed()), transforms)
+
+    def _preprocessed(self) -> gym.Env:
+        from gymnasium.wrappers import AtariPreprocessing
+
+        _register_ale()
+        kwargs = dict(self.make_kwargs)
+        if self.repeat_action_probability is not None:
+            kwargs["repeat_action_probability"] = self.repeat_action_probability
+        # Frame skipping happens in AtariPreprocessing (with the max over the last two
+        # frames), so the ALE env itself must not skip.
+        env = gym.make(self.env_id, frameskip=1, render_mode=self.render_mode, **kwargs)
+        return AtariPreprocessing(
+            env,
+            noop_max=self.noop_max,
             frame_skip=self.frame_skip,
             screen_size=self.screen_size,
-            noop_max=self.noop_max,
             terminal_on_life_loss=self.terminal_on_life_loss,
-            repeat_action_probability=self.repeat_action_probability,
-            render_mode=self.render_mode,
+            grayscale_obs=True,  # (84, 84) frames, no channel axis: the stack makes the channels
+            scale_obs=False,
         )
 
     def __str__(self) -> str:
         return self.env_id
 
 
-def atari_torchrl_env(
-    env_id: str = "ALE/Pong-v5",
-    *,
-    frame_stack: int = 4,
-    frame_skip: int = 4,
-    screen_size: int = 84,
-    noop_max: int = 30,
-    terminal_on_life_loss: bool = False,
-    repeat_action_probability: float | None = None,
-    render_mode: str | None = None,
-    **make_kwargs: Any,
-):
-    """The Atari env as a TorchRL env: a ``GymWrapper`` over the ALE env with gymnasium's
-    ``AtariPreprocessing``, and TorchRL transforms for the channel axis and the frame
-    stack (``UnsqueezeTransform``, ``CatFrames``). It runs on TorchRL's general
-    rollout path; its ``"observation"`` is ``(frame_stack, 84, 84)`` uint8, as
-    ``atari_env``'s, and its actions are one-hot (TorchRL's default).
-
-    (TorchRL's own ``Resize`` transform needs torchvision, which is not a
-    dependency, so the resize and grayscale stay gymnasium's.)
-    """
-    from torchrl.envs import CatFrames, Compose, GymWrapper, TransformedEnv, UnsqueezeTransform
-
-    env = _atari_base(
-        env_id,
-        frame_skip,
-        screen_size,
-        noop_max,
-        terminal_on_life_loss,
-        repeat_action_probability,
-        render_mode,
-        make_kwargs,
+def _atari(env_id: str, options: dict[str, Any]) -> AtariEnv:
+    """``AtariEnv`` of ``options``; the ones it does not name go to ``gymnasium.make``."""
+    names = {f.name for f in fields(AtariEnv)}
+    make_kwargs = tuple((k, v) for k, v in options.items() if k not in names)
+    return AtariEnv(
+        env_id, **{k: v for k, v in options.items() if k in names}, make_kwargs=make_kwargs
     )
-    transforms = Compose(
-        UnsqueezeTransform(dim=-3, in_keys=["observation"]),
-        CatFrames(N=frame_stack, dim=-3, in_keys=["observation"]),
-    )
-    return TransformedEnv(GymWrapper(env), transforms)
+
+
+def atari_env(env_id: str = "ALE/Pong-v5", **options: Any) -> gym.Env:
+    """``AtariEnv(env_id, **options)()``: the preprocessed, frame-stacked ALE env, for
+    configs (``env.factory: ray_eval.factories:atari_env`` with ``env.kwargs``)."""
+    return _atari(env_id, options)()
+
+
+def atari_torchrl_env(env_id: str = "ALE/Pong-v5", **options: Any):
+    """``AtariEnv(env_id, **options).torchrl_env()``: the same env as a TorchRL env."""
+    return _atari(env_id, options).torchrl_env()
