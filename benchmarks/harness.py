@@ -128,21 +128,32 @@ def ratio(a: Rate | None, b: Rate | None) -> str:
     return "-" if a is None or b is None else f"{a.steps_per_s / b.steps_per_s:.2f}x"
 
 
-def start_ray(worker_niceness: int = 0, *, dashboard: bool = False) -> None:
+def start_ray(
+    worker_niceness: int = 0,
+    *,
+    dashboard: bool = False,
+    num_cpus: int = RAY_CPUS,
+    free_objects_period_ms: int | None = 20,
+) -> None:
     """A fresh local Ray instance of our own, its workers at ``worker_niceness``.
 
     Ray starts its workers at nice 15, below the driver, where the raw loops and
     TorchRL's thread backend run: on a machine shared with other work they would
     get a fraction of a core. At nice 0 every runner competes on equal terms.
+    ``free_objects_period_ms``: how soon Ray frees unreferenced objects (20, as
+    ray_eval's own instance; ``None``: Ray's default, 1000).
     """
     os.environ["RAY_worker_niceness"] = str(worker_niceness)  # noqa: SIM112 (Ray spells it so)
+    system_config = {}
+    if free_objects_period_ms is not None:
+        system_config["free_objects_period_milliseconds"] = free_objects_period_ms
     ray.init(
         address="local",
-        num_cpus=RAY_CPUS,
+        num_cpus=num_cpus,
         include_dashboard=dashboard,
         logging_level=logging.WARNING,
         log_to_driver=False,
-        _system_config={"free_objects_period_milliseconds": 20},  # as ray_eval's own instance
+        _system_config=system_config or None,
     )
 
 

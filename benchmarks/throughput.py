@@ -51,6 +51,7 @@ import torch
 from harness import (
     RESULTS_DIR,
     Rate,
+    RawLoopInProcesses,
     fmt_rate,
     load_average,
     print_table,
@@ -157,6 +158,12 @@ def raw_loop(workload: Workload, copies: int = 64) -> Iterator[Callable[[], int]
         yield run
     finally:
         envs.close()
+
+
+def raw_loop_for_process(workload: Workload, copies: int) -> Callable[[], int]:
+    """``raw_loop`` for a process of its own (``RawLoopInProcesses``): its envs live as
+    long as the process."""
+    return contextlib.ExitStack().enter_context(raw_loop(workload, copies))
 
 
 def evaluations(evaluator, weights=None) -> Callable[[], int]:
@@ -391,6 +398,12 @@ def compare(workload: Workload, cfg: Settings, also: Callable | None = None) -> 
             gym_env, _ = stack.enter_context(ray_eval_pool(factory, workload, 2))
             runners["ray_eval, 2 workers, GymEnv factory"] = evaluations(gym_env)
         runners[RAW] = stack.enter_context(raw_loop(workload))
+        # The same loop in 2 plain processes, half the episodes and copies each: what 2
+        # cores really give here (two vCPUs of a virtual machine may make less than 2x).
+        half = dataclasses.replace(workload, episodes=workload.episodes // 2)
+        pair = RawLoopInProcesses(functools.partial(raw_loop_for_process, half, 32))
+        stack.callback(pair.close)
+        runners[RAW_PAIR] = pair
         rates = timed(runners, cfg.repeats)
         if also is not None:
             also(gym_id, policy)
@@ -401,7 +414,8 @@ def compare(workload: Workload, cfg: Settings, also: Callable | None = None) -> 
         rates["TorchRL Evaluator, process backend"] = torchrl_throughput(
             workload, "process", cfg.torchrl_repeats
         )
-    rates[RAW] = rates.pop(RAW)  # last row
+    rates[RAW] = rates.pop(RAW)  # last rows
+    rates[RAW_PAIR] = rates.pop(RAW_PAIR)
     thread, raw = rates["TorchRL Evaluator, thread backend"], rates[RAW]
     print_table(
         workload.describe(),
@@ -415,6 +429,7 @@ def compare(workload: Workload, cfg: Settings, also: Callable | None = None) -> 
 
 
 RAW = "raw loop, 1 process (SyncVectorEnv x64)"
+RAW_PAIR = "raw loop, 2 processes (x32 each)"
 
 
 def scaling(cfg: Settings, measured: dict[int, Rate], raw: Rate) -> dict[int, Rate]:
