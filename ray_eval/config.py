@@ -89,7 +89,11 @@ def _check_callable_path(path: str) -> str:
 
 
 class EnvConfig(_Strict):
-    """A gymnasium id (``id``) or a factory ``module:function`` called with ``kwargs``."""
+    """A gymnasium id (``id``) or a factory ``module:function`` called with ``kwargs``.
+
+    ``id`` may name a native vector env: ``envpool:<task id>`` or
+    ``vector:<gymnasium id>`` (``kwargs`` then go to the vector env's constructor).
+    """
 
     id: str | None = None
     factory: str | None = None
@@ -100,7 +104,8 @@ class EnvConfig(_Strict):
     def _shorthand(cls, value: Any) -> Any:
         """``env: Pendulum-v1`` or ``env: package.module:function`` alone."""
         if isinstance(value, str):
-            return {"factory": value} if IMPORT_PATH.match(value) else {"id": value}
+            vector = value.startswith(("envpool:", "vector:"))  # native vector env ids
+            return {"factory": value} if IMPORT_PATH.match(value) and not vector else {"id": value}
         return value
 
     @field_validator("id")
@@ -109,7 +114,11 @@ class EnvConfig(_Strict):
         if value is not None:
             import gymnasium as gym
 
-            if value not in gym.registry:
+            from ray_eval.envs import ENVPOOL_PREFIX, VECTOR_PREFIX, vector_source_from_id
+
+            if value.startswith((ENVPOOL_PREFIX, VECTOR_PREFIX)):
+                vector_source_from_id(value)  # a native vector env: raises if unknown
+            elif value not in gym.registry:
                 close = difflib.get_close_matches(value, list(gym.registry), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"{value!r} is not a registered gymnasium id{hint}")
@@ -138,9 +147,11 @@ class EnvConfig(_Strict):
         if self.id is not None:
             if not self.kwargs:
                 return self.id
-            from ray_eval.envs import GymMake
+            from ray_eval.envs import GymMake, vector_source_from_id
 
-            return GymMake(self.id, dict(self.kwargs))
+            return vector_source_from_id(self.id, self.kwargs) or GymMake(
+                self.id, dict(self.kwargs)
+            )
         return functools.partial(resolve_import_path(self.factory), **self.kwargs)
 
 

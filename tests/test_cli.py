@@ -102,6 +102,14 @@ def test_config_hash_covers_what_decides_the_numbers():
         ("seed=true", "seed: Input should be a valid integer"),
         ("max_steps=0", "max_steps: Input should be greater than 0"),
         ("env.id=Pendulm-v1", "env.id: 'Pendulm-v1' is not a registered gymnasium id"),
+        (
+            "env=envpool:CartPol-v1",
+            "env.id: env 'envpool:CartPol-v1': 'CartPol-v1' is not an EnvPool",
+        ),
+        (
+            "env=vector:Pendulum-v1",
+            "env.id: env 'vector:Pendulum-v1': gymnasium's 'Pendulum-v1' has no",
+        ),
         ("policy.type=cnn", "policy.type must be 'mlp' or 'factory'"),
         ("loggers=[{type: csv, dir: x}]", "loggers[0].dir: unknown key (did you mean 'log_dir'?)"),
         ("policy=null", "policy: "),
@@ -353,6 +361,23 @@ def test_cartpole_config_and_a_factory_policy(capsys, tmp_path):
     # the built-in MLP and the same MLP through a factory are the same policy
     assert first["metrics"]["eval/reward"] == second["metrics"]["eval/reward"]
     assert first["config_hash"] != second["config_hash"]
+
+
+@pytest.mark.parametrize("env", ["envpool:CartPole-v1", "vector:CartPole-v1"])
+def test_a_config_names_a_native_vector_env(capsys, tmp_path, env):
+    """``env: envpool:<task>`` / ``vector:<id>`` run on the vector path, kwargs included."""
+    config = ROOT / "configs" / "cartpole.yaml"
+    out_file = tmp_path / "r.jsonl"
+    # this MLP drops the pole after 8-9 steps: a cut at 5 shows the kwargs arrived
+    overrides = [f"env={{id: '{env}', kwargs: {{max_episode_steps: 5}}}}"]
+    if env.startswith("vector:"):  # gymnasium's CartPoleVectorEnv takes no max_episode_steps
+        overrides = [f"env={env}", "max_steps=5"]
+    code, _, err = run_cli(capsys, "run", config, "--output", out_file, *QUICK, *overrides)
+    assert code == 0, err
+    (record,) = read_results(out_file)
+    assert record["metrics"]["eval/num_episodes"] == 3
+    assert record["metrics"]["eval/episode_length"] == 5
+    assert record["env"] == env
 
 
 def test_results_go_to_torchrl_loggers(capsys, tmp_path, monkeypatch):
