@@ -25,9 +25,6 @@ import contextlib
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +38,7 @@ from ray_eval import Evaluator, ResourceUnavailableError
 from ray_eval.resources import find_autoscaler, requested_resources
 from tests.checks import small_policy
 from tests.envs import SeedLengthEnv
-from tests.procs import BIN, end_session, env_for_subprocess, session_pids, start
+from tests.procs import RayHead, env_for_subprocess
 
 ENV = SeedLengthEnv  # episodes of 1 to 37 steps
 ONE_CPU_NODES = {"cpu1": {"resources": {"CPU": 1}, "min_workers": 0, "max_workers": 2}}
@@ -54,17 +51,6 @@ V2_ENV = {
     "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD,
     "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD,
 }
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class LocalAutoscalingCluster(AutoscalingCluster):
@@ -126,32 +112,18 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         }
 
     def start(self, timeout: float = 120.0) -> None:
-        gcs, dashboard, client, agent, metrics, runtime_env = free_ports(6)
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="rayas-", dir="/tmp"))
-        self.address = f"{ray.util.get_node_ip_address()}:{gcs}"
+        self.head = RayHead(Path(tempfile.mkdtemp(prefix="rayas-", dir="/tmp")))
+        self.address = f"{ray.util.get_node_ip_address()}:{self.head.gcs_port}"
         # The autoscaler starts each node's raylet with this GCS address.
         self._config["provider"]["gcs_address"] = self.address
-        config = self.temp_dir / "autoscaling.json"
+        config = self.head.temp_dir / "autoscaling.json"
         config.write_text(json.dumps(self._config))
-        self.log = self.temp_dir / "head.log"
-        self.proc = start(
+        self.head.start(
             [
-                str(BIN / "ray"),
-                "start",
-                "--head",
-                "--block",
                 f"--autoscaling-config={config}",
-                f"--port={gcs}",
-                f"--dashboard-port={dashboard}",
-                f"--ray-client-server-port={client}",
-                f"--dashboard-agent-listen-port={agent}",
-                f"--metrics-export-port={metrics}",
-                f"--runtime-env-agent-port={runtime_env}",
-                f"--temp-dir={self.temp_dir}",
                 f"--num-cpus={self._head_resources.get('CPU', 0)}",
                 f"--object-store-memory={2 * NODE_OBJECT_STORE}",
                 "--include-dashboard=false",
-                "--disable-usage-stats",
             ],
             env=env_for_subprocess(
                 **V2_ENV if self._autoscaler_v2 else {},
@@ -163,28 +135,12 @@ class LocalAutoscalingCluster(AutoscalingCluster):
                 # actors on a cluster that sends none (they die at once).
                 RAY_AUTH_MODE="token" if os.environ.get("RAY_AUTH_MODE") == "token" else "disabled",
             ),
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
+            timeout=timeout,
         )
-        deadline = time.monotonic() + timeout
-        while "Ray runtime started" not in self.log.read_text():
-            assert self.proc.poll() is None, f"ray start failed:\n{self.log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"ray start timed out:\n{self.log.read_text()}"
-            time.sleep(0.25)
 
     def shutdown(self) -> None:
-        """SIGTERM to ``ray start`` (it stops the head), then every process of its
-        session by pid (the nodes the autoscaler started); none may be left."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        end_session(self.proc.pid, grace=3)
-        assert not session_pids(self.proc.pid)
-        subprocess.run(["rm", "-rf", str(self.temp_dir)], check=False)
+        """Stop the head and every node the autoscaler started (all in its session)."""
+        self.head.stop(grace=3)
 
 
 @contextlib.contextmanager

@@ -9,8 +9,6 @@ the dashboard, so the submitting client runs with ``RAY_AUTH_MODE=token``.
 from __future__ import annotations
 
 import json
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ray_eval.results import read_results
-from tests.procs import BIN, ROOT, end_session, env_for_subprocess, session_pids, start
+from tests.procs import BIN, ROOT, RayHead, env_for_subprocess
 
 # What the job does not need from the repository (runtime_env excludes, gitignore syntax).
 EXCLUDES = [
@@ -36,86 +34,16 @@ EXCLUDES = [
 ]
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-class RayHead:
-    """``ray start --head --block`` on free ports, in its own session and temp dir."""
-
-    def __init__(self, temp_dir: Path, log: Path) -> None:
-        gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env, node, objects = free_ports(
-            9
-        )
-        self.dashboard = f"http://127.0.0.1:{dashboard}"
-        self.log = log
-        self.proc = start(
-            [
-                str(BIN / "ray"),
-                "start",
-                "--head",
-                "--block",
-                f"--port={gcs}",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard}",
-                f"--ray-client-server-port={client}",
-                f"--dashboard-agent-listen-port={agent}",
-                f"--dashboard-agent-grpc-port={agent_grpc}",
-                f"--metrics-export-port={metrics}",
-                f"--runtime-env-agent-port={runtime_env}",
-                f"--node-manager-port={node}",
-                f"--object-manager-port={objects}",
-                f"--temp-dir={temp_dir}",
-                "--num-cpus=2",
-                "--include-dashboard=true",
-                "--disable-usage-stats",
-            ],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while "Ray runtime started" not in self.log.read_text():
-            assert self.proc.poll() is None, f"ray start failed:\n{self.log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, (
-                f"ray start timed out:\n{self.log.read_text()[-3000:]}"
-            )
-            time.sleep(0.25)
-
-    def stop(self) -> None:
-        """SIGTERM to ``ray start`` (it stops what it started), then end any straggler by pid."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        end_session(self.proc.pid)
-        assert not session_pids(self.proc.pid)
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     # A short temp dir: Ray's socket paths must stay under the 107-character limit.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayev-", dir="/tmp"))
-    head = RayHead(temp_dir, tmp_path_factory.mktemp("head") / "head.log")
+    head = RayHead(temp_dir)
     try:
-        head.wait_ready()
+        head.start(["--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1"])
         yield head
     finally:
         head.stop()
-        subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
 
 
 def test_ray_job_submit_runs_the_pendulum_config(ray_head, tmp_path):
