@@ -203,10 +203,10 @@ def save_plot(measured: dict, path: Path) -> None:
     ax.set_xlim(0, 2.3)
     ax.invert_yaxis()
     ax.set_xlabel("env steps/s relative to the raw one-process loop")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.4, -0.2), ncols=5, fontsize=7)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.4, -0.22), ncols=3, fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
