@@ -246,7 +246,7 @@ def gym_vector_without_num_envs():
         (gym_vector_without_num_envs, {}, TypeError, "give it a num_envs parameter"),
         (envpool_without_seed, {}, TypeError, "give the factory a seed parameter"),
         ("envpool:CartPole-v1", {"metrics_fn": lambda td: {}}, TypeError, "episode_metrics_fn"),
-        ("vector:CartPole-v1", {"policy": nn.Linear(4, 3)}, TypeError, r"\(16, 2\) one-hot"),
+        ("vector:CartPole-v1", {"policy": nn.Linear(4, 3)}, TypeError, r"\(10, 2\) one-hot"),
         ("envpool:CartPole-v1", {"policy": lambda obs: obs[:, 0] * 0 + 2}, TypeError, "outside"),
     ],
 )
