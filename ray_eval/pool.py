@@ -73,6 +73,8 @@ class WorkerPool:
         # arguments, large ones would sit in the object store, and a worker that
         # Ray restarts later could find them gone (ray#53727).
         self._startup_args = [ray.put(worker_config_blob), ray.put(policy_blob)]
+        self._has_policy_blob = policy_blob is not None
+        self._initial_weights: asyncio.Future | None = None  # see initial_weights
         self._handle = ray.get_runtime_context().current_actor
         self._pg = None
         if config.placement is not None:
@@ -179,6 +181,35 @@ class WorkerPool:
     def startup_args(self) -> list:
         """Refs to the workers' pickled config and policy (asked for by each worker)."""
         return self._startup_args
+
+    async def initial_weights(self) -> list | None:
+        """``[ref]`` of the weights of the pickled policy every worker was built from,
+        put once, on the first worker's request (``weights=None`` after other weights),
+        and kept for the pool's life; ``None`` if there is no pickled policy or this
+        process cannot read it (e.g. CUDA tensors: the pool has no GPU), in which case
+        each worker reads its own."""
+        if not self._has_policy_blob:
+            return None
+        if self._initial_weights is None:
+            # In a thread: unpickling a large policy must not stall the evaluations.
+            self._initial_weights = asyncio.ensure_future(asyncio.to_thread(self._put_initial))
+        return await asyncio.shield(self._initial_weights)
+
+    def _put_initial(self) -> list | None:
+        import pickle
+
+        from ray_eval.weights import release_heap, release_store_pages, to_payload
+
+        try:
+            policy = pickle.loads(ray.get(self._startup_args[1]))
+            ref = ray.put(to_payload(policy, copy=False))
+        except Exception:
+            return None
+        finally:
+            policy = None
+            release_store_pages()  # the pages of the pickled policy and of the put
+            release_heap()  # the unpickled policy's tensors
+        return [ref]
 
     def actor_ids(self) -> list[str]:
         return [w._actor_id.hex() for w in self._workers]

@@ -234,6 +234,7 @@ class RemoteWorker(EvalWorker):
 
         # Refs to the pickled config and policy: the pool keeps them for its whole
         # life, and weights=None reads the built policy's weights back from them.
+        self._pool = pool
         self._startup_refs = ray.get(pool.startup_args.remote())
         config_blob, policy_blob = ray.get(self._startup_refs)
         config = pickle.loads(config_blob)
@@ -267,11 +268,17 @@ class RemoteWorker(EvalWorker):
     def _initial_payload(self) -> dict:
         from ray_eval.weights import to_payload
 
+        if self._initial_ref is None and self._from_blob:
+            # Every worker was built from the same pickled policy: the pool puts its
+            # weights once for all of them (one object in the store, not one each).
+            boxed = ray.get(self._pool.initial_weights.remote())
+            if boxed is not None:
+                (self._initial_ref,) = boxed
         if self._initial_ref is not None:
             return ray.get(self._initial_ref)
-        # The first time weights=None follows other weights: unpickle the policy
-        # again (about as long as building it), and keep its weights in the object
-        # store, so that the next time costs a load only.
+        # The first time weights=None follows other weights, where the pool could not
+        # read the policy: unpickle it again here (about as long as building it), and
+        # keep its weights in the object store, so that the next time costs a load only.
         payload = to_payload(pickle.loads(ray.get(self._startup_refs[1])), copy=False)
         self._put_initial(payload)
         return payload

@@ -180,6 +180,35 @@ def test_factory_built_weights_come_back_and_the_store_keeps_no_weights_objects(
     assert not left, f"{len(left)} weights-sized objects outlived the evaluator"
 
 
+def test_a_live_policy_s_built_weights_are_put_once_for_all_workers(ray_local):
+    """weights=None after other weights, with a policy passed live: the pool puts the
+    built weights once, shared by both workers (not one copy per worker in the store)."""
+    address = ray.get_runtime_context().gcs_address
+    policy = mlp()
+    size = weight_bytes(policy)
+
+    def weights_sized() -> set[str]:
+        objects = list_objects(address=address, limit=10_000, raise_on_missing_output=False)
+        return {o.object_id for o in objects if size <= (o.object_size or 0) < size + 2**20}
+
+    with Evaluator(ENV, mlp(), num_workers=0, **RUN) as fresh:
+        expected = fresh.evaluate(step=2)
+    before = weights_sized()
+    with Evaluator(ENV, policy, num_workers=2, **RUN) as ev:
+        evaluation_ids = set()
+        for seed in range(2):
+            train_step(policy, seed)
+            trained = ev.evaluate(weights=policy, step=2)
+            evaluation_ids |= set(trained.episodes.weights_ids.tolist())
+            restored = ev.evaluate(step=2)
+            assert loads(restored) == (2, 2 * size)  # both workers loaded the built weights
+            np.testing.assert_array_equal(restored.episodes.returns, expected.episodes.returns)
+        kept = _settle(lambda: weights_sized() - before, lambda s: not (s & evaluation_ids))
+        assert not kept & evaluation_ids
+        # the pickled policy the workers were built from, and its weights: one object each
+        assert len(kept) == 2, kept
+
+
 def _settle(measure, done, timeout: float = 20.0):
     """Ray frees objects in batches (about once a second): wait, bounded, until ``done``."""
     deadline = time.monotonic() + timeout
