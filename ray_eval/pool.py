@@ -31,6 +31,7 @@ from ray_eval.errors import (
     WorkerStartupError,
     remote_cause,
 )
+from ray_eval.memory import release_store_pages
 from ray_eval.metrics import EvalResult
 from ray_eval.planning import Chunk, EvalRequest, EvaluationPlan, RequestOrder
 from ray_eval.resources import free_text, nodes_that_fit, requested_resources, resources_text
@@ -73,6 +74,7 @@ class WorkerPool:
         # arguments, large ones would sit in the object store, and a worker that
         # Ray restarts later could find them gone (ray#53727).
         self._startup_args = [ray.put(worker_config_blob), ray.put(policy_blob)]
+        release_store_pages()  # the pages just written: the store has them, not this actor
         self._has_policy_blob = policy_blob is not None
         self._initial_weights: asyncio.Future | None = None  # see initial_weights
         self._handle = ray.get_runtime_context().current_actor
@@ -198,7 +200,8 @@ class WorkerPool:
     def _put_initial(self) -> list | None:
         import pickle
 
-        from ray_eval.weights import release_heap, release_store_pages, to_payload
+        from ray_eval.memory import release_heap
+        from ray_eval.weights import to_payload
 
         try:
             policy = pickle.loads(ray.get(self._startup_args[1]))

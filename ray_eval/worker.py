@@ -230,7 +230,7 @@ class RemoteWorker(EvalWorker):
     asked from the pool, which keeps them: a restarted worker rebuilds from them."""
 
     def __init__(self, pool) -> None:
-        from ray_eval.weights import release_store_pages
+        from ray_eval.memory import release_store_pages
 
         # Refs to the pickled config and policy: the pool keeps them for its whole
         # life, and weights=None reads the built policy's weights back from them.
@@ -249,7 +249,7 @@ class RemoteWorker(EvalWorker):
         release_store_pages()  # the pages of the pickled policy, read above
 
     def load_weights(self, payload: dict | None, identity: object = None) -> None:
-        from ray_eval.weights import release_heap, release_store_pages
+        from ray_eval.memory import release_heap, release_store_pages
 
         loads = self.weights_loads
         super().load_weights(payload, identity)
@@ -284,7 +284,7 @@ class RemoteWorker(EvalWorker):
         return payload
 
     def _put_initial(self, payload: dict) -> None:
-        from ray_eval.weights import release_store_pages
+        from ray_eval.memory import release_store_pages
 
         self._initial_ref = ray.put(payload)
         release_store_pages()  # the pages just written: the store has them, not this worker

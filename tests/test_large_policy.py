@@ -23,11 +23,11 @@ from ray.util.state import list_objects
 from torch import nn
 
 from ray_eval import Evaluator
+from ray_eval.memory import release_store_pages
 from ray_eval.weights import (
     _CHUNK,
     load_payload,
     module_params,
-    release_store_pages,
     to_payload,
 )
 from tests.envs import SeedLengthEnv
