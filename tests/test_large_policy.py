@@ -196,7 +196,7 @@ def test_a_live_policy_s_built_weights_are_put_once_for_all_workers(ray_local):
     before = weights_sized()
     with Evaluator(ENV, policy, num_workers=2, **RUN) as ev:
         evaluation_ids = set()
-        for seed in range(2):
+        for seed in range(2):  # the second weights=None reuses the object the first put
             train_step(policy, seed)
             trained = ev.evaluate(weights=policy, step=2)
             evaluation_ids |= set(trained.episodes.weights_ids.tolist())

@@ -89,10 +89,10 @@ def endpoint_tolerance(distribution: np.ndarray, p: float) -> float:
 def _large_samples():
     """Samples past EXACT_LIMIT episodes, where intervals take their large-sample forms."""
     rng = np.random.default_rng(7)
-    short_cartpole = rng.geometric(0.08, 20_000).astype(float) + 8  # random-policy-like
+    short_cartpole = rng.geometric(0.08, 8_000).astype(float) + 8  # random-policy-like
     return {
         # many episodes, few distinct returns: multinomial counts of each value
-        "20,000 cartpole-like episodes, integer returns": short_cartpole,
+        "8,000 cartpole-like episodes, integer returns": short_cartpole,
         "5,000 scores in 0-20, ties": rng.integers(0, 21, 5000).astype(float),
         # many distinct returns too: the normal-theory interval
         "3,000 lognormal, skewness 6": rng.lognormal(0.0, 1.0, 3000),
@@ -131,7 +131,7 @@ def test_bootstrap_intervals_agree_with_scipy(name, key, statistic):
     if large:
         assert (len(np.unique(values)) > EXACT_LIMIT) == ("normal" in name)
     ours = result_of(values, seed=7, step=3)
-    theirs = scipy_bootstrap(values, statistic, 10_000 if large else SCIPY_RESAMPLES)
+    theirs = scipy_bootstrap(values, statistic, 6_000 if large else SCIPY_RESAMPLES)
     alpha = (1 - CONFIDENCE) / 2
     distribution = theirs.bootstrap_distribution
     low, high = theirs.confidence_interval
