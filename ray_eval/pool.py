@@ -37,6 +37,11 @@ from ray_eval.planning import Chunk, EvalRequest, EvaluationPlan, RequestOrder
 from ray_eval.resources import free_text, nodes_that_fit, requested_resources, resources_text
 from ray_eval.worker import RemoteWorker, WorkerInfo
 
+# A pickled policy at least this large has its built weights put once by the pool for
+# all workers (see ``WorkerPool.initial_weights``); a smaller one, by each worker, which
+# is faster the first time (the pool would import torch for it: about 2 s).
+SHARED_INITIAL_WEIGHTS_MIN_BYTES = 32 * 1024**2
+
 PLACEMENT_STRATEGIES = {
     "pack": "PACK",
     "spread": "SPREAD",
@@ -75,7 +80,9 @@ class WorkerPool:
         # Ray restarts later could find them gone (ray#53727).
         self._startup_args = [ray.put(worker_config_blob), ray.put(policy_blob)]
         release_store_pages()  # the pages just written: the store has them, not this actor
-        self._has_policy_blob = policy_blob is not None
+        self._shares_initial = (
+            policy_blob is not None and len(policy_blob) >= SHARED_INITIAL_WEIGHTS_MIN_BYTES
+        )
         self._initial_weights: asyncio.Future | None = None  # see initial_weights
         self._handle = ray.get_runtime_context().current_actor
         self._pg = None
@@ -187,10 +194,10 @@ class WorkerPool:
     async def initial_weights(self) -> list | None:
         """``[ref]`` of the weights of the pickled policy every worker was built from,
         put once, on the first worker's request (``weights=None`` after other weights),
-        and kept for the pool's life; ``None`` if there is no pickled policy or this
-        process cannot read it (e.g. CUDA tensors: the pool has no GPU), in which case
-        each worker reads its own."""
-        if not self._has_policy_blob:
+        and kept for the pool's life; ``None`` if there is no pickled policy, if it is
+        smaller than ``SHARED_INITIAL_WEIGHTS_MIN_BYTES``, or if this process cannot
+        read it (e.g. CUDA tensors: the pool has no GPU): each worker reads its own."""
+        if not self._shares_initial:
             return None
         if self._initial_weights is None:
             # In a thread: unpickling a large policy must not stall the evaluations.

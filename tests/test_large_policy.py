@@ -24,6 +24,7 @@ from torch import nn
 
 from ray_eval import Evaluator
 from ray_eval.memory import release_store_pages
+from ray_eval.pool import SHARED_INITIAL_WEIGHTS_MIN_BYTES
 from ray_eval.weights import (
     _CHUNK,
     load_payload,
@@ -186,6 +187,7 @@ def test_a_live_policy_s_built_weights_are_put_once_for_all_workers(ray_local):
     address = ray.get_runtime_context().gcs_address
     policy = mlp()
     size = weight_bytes(policy)
+    assert size >= SHARED_INITIAL_WEIGHTS_MIN_BYTES  # smaller ones: each worker its own
 
     def weights_sized() -> set[str]:
         objects = list_objects(address=address, limit=10_000, raise_on_missing_output=False)
