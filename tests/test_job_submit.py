@@ -46,35 +46,39 @@ def ray_head(tmp_path_factory):
         head.stop()
 
 
-def test_ray_job_submit_runs_the_pendulum_config(ray_head, tmp_path):
-    output = tmp_path / "results.jsonl"
-    submit = subprocess.run(
+def submit_job(
+    head: RayHead, cwd: Path, options: list[str], entrypoint: list[str]
+) -> subprocess.CompletedProcess:
+    """``ray job submit --address <head> <options> -- <entrypoint>``, waited for (bounded)."""
+    return subprocess.run(
         [
             str(BIN / "ray"),
             "job",
             "submit",
             "--address",
-            ray_head.dashboard,
-            "--working-dir",
-            str(ROOT),
-            "--runtime-env-json",
-            json.dumps({"excludes": EXCLUDES}),
+            head.dashboard,
+            *options,
             "--",
-            "ray-eval",
-            "run",
-            "configs/pendulum.yaml",
-            "--output",
-            str(output),
-            "num_trajectories=4",
-            "max_steps=50",
-            "workers.num_workers=2",
-            "loggers=[]",
+            *entrypoint,
         ],
         capture_output=True,
         text=True,
         timeout=240,
-        cwd=tmp_path,
+        cwd=cwd,
         env=env_for_subprocess(RAY_AUTH_MODE="token"),
+    )
+
+
+def test_ray_job_submit_runs_the_pendulum_config(ray_head, tmp_path):
+    output = tmp_path / "results.jsonl"
+    submit = submit_job(
+        ray_head,
+        tmp_path,
+        ["--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES})],
+        [
+            *("ray-eval", "run", "configs/pendulum.yaml", "--output", str(output)),
+            *("num_trajectories=4", "max_steps=50", "workers.num_workers=2", "loggers=[]"),
+        ],
     )
     logs = submit.stdout + submit.stderr
     assert submit.returncode == 0, logs[-4000:]
@@ -114,24 +118,8 @@ def test_a_job_that_raises_with_a_live_evaluator_fails_instead_of_hanging(ray_he
     job_dir.mkdir()
     (job_dir / "failing_job.py").write_text(FAILING_JOB)
     started = time.monotonic()
-    submit = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            ray_head.dashboard,
-            "--working-dir",
-            str(job_dir),
-            "--",
-            "python",
-            "failing_job.py",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-        env=env_for_subprocess(RAY_AUTH_MODE="token"),
+    submit = submit_job(
+        ray_head, tmp_path, ["--working-dir", str(job_dir)], ["python", "failing_job.py"]
     )
     elapsed = time.monotonic() - started
     logs = submit.stdout + submit.stderr
