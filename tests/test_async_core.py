@@ -37,7 +37,8 @@ def slow_env(step_sleep: float, **faults):
 # -- 1. exit: a failing script, Ctrl-C -------------------------------------------------
 
 SCRIPT_PREAMBLE = """
-import functools, os, signal, sys, time
+import faulthandler, functools, os, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's view of a hang
 sys.path.insert(0, {root!r})
 import ray, torch
 from ray_eval import Evaluator
@@ -102,6 +103,15 @@ if __name__ == "__main__":
 }
 
 
+# Seconds from the error (or the SIGINT) to the script's exit. The bug this guards
+# against never ends: a finalizer that starts a new Ray and waits for it forever. A
+# clean exit after SIGINT took 7-15 s on 2 cores at load averages of 10 to 50
+# (issue 20): about 2.5 s in the exit hooks, 1.5 s of it Ray's own waits (a 0.5 s
+# sleep for logs, 1 s for its monitor to stop), then about 2 s of CPU to tear the
+# interpreter down, which a loaded machine stretches. Start-up is not counted.
+EXIT_BOUND_S = 120
+
+
 @pytest.mark.parametrize("shape", list(SCRIPTS))
 def test_a_script_that_dies_with_a_live_evaluator_exits_with_its_own_error(shape, tmp_path):
     script = tmp_path / f"{shape}.py"
@@ -123,9 +133,16 @@ def test_a_script_that_dies_with_a_live_evaluator_exits_with_its_own_error(shape
             os.kill(proc.pid, signal.SIGINT)
         started = time.monotonic()
         try:
-            _, stderr = proc.communicate(timeout=60)
+            _, stderr = proc.communicate(timeout=EXIT_BOUND_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the script ({shape}) did not exit within 60 s of its error")
+            os.kill(proc.pid, signal.SIGUSR1)  # where it hangs: every thread's stack
+            time.sleep(2.0)
+            end_session(proc.pid)
+            _, stderr = proc.communicate(timeout=30)
+            pytest.fail(
+                f"the script ({shape}) did not exit within {EXIT_BOUND_S} s of its error:\n"
+                + stderr[-6000:]
+            )
         exit_s = time.monotonic() - started
     finally:
         end_session(proc.pid)
@@ -136,7 +153,6 @@ def test_a_script_that_dies_with_a_live_evaluator_exits_with_its_own_error(shape
         assert "ValueError: the user's own bug" in stderr
         assert proc.returncode == 1  # the user's exit code, not hidden
     assert "constructor arguments in the object store" not in stderr
-    assert exit_s < 30, f"exit took {exit_s:.1f} s"
     print(f"\n[exit: {shape}] exited {proc.returncode} after {exit_s:.2f} s")
 
 
