@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ray_eval.episodes import EpisodeData
-from ray_eval.metrics import EvalResult, aggregate
+from ray_eval.results.episodes import EpisodeData
+from ray_eval.results.metrics import EvalResult, aggregate
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class EvaluationPlan:
             b.weights_loaded_bytes for b in batches
         )
         if self.metrics_fn is not None:
-            from ray_eval.trajectories import trajectories
+            from ray_eval.rollout.trajectories import trajectories
 
             batches = sorted(
                 batches, key=lambda b: (list(self.members).index(b.member), b.indices[0])

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torchrl.envs import EnvBase, GymEnv, GymWrapper
 
-from ray_eval.env_instances import instance_factory, is_env_instance
+from ray_eval.backends.env_instances import instance_factory, is_env_instance
 from ray_eval.errors import ActionMismatchError
-from ray_eval.policies import observation_to_action, parameter_dtype, tensordict_to_action
-from ray_eval.rollout import GymnasiumRollout, TorchRLRollout
-from ray_eval.vector_rollout import VectorRollout, autoreset_mode
+from ray_eval.rollout.loops import GymnasiumRollout, TorchRLRollout
+from ray_eval.rollout.policies import observation_to_action, parameter_dtype, tensordict_to_action
+from ray_eval.rollout.vector_loop import VectorRollout, autoreset_mode
 
 EnvLike = str | Callable[[], Any]
 
