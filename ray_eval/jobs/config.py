@@ -114,7 +114,7 @@ class EnvConfig(_Strict):
         if value is not None:
             import gymnasium as gym
 
-            from ray_eval.rollout.adapters import (
+            from ray_eval.rollout.vector_sources import (
                 ENVPOOL_PREFIX,
                 VECTOR_PREFIX,
                 vector_source_from_id,
@@ -151,7 +151,8 @@ class EnvConfig(_Strict):
         if self.id is not None:
             if not self.kwargs:
                 return self.id
-            from ray_eval.rollout.adapters import GymMake, vector_source_from_id
+            from ray_eval.env_input import GymMake
+            from ray_eval.rollout.vector_sources import vector_source_from_id
 
             return vector_source_from_id(self.id, self.kwargs) or GymMake(
                 self.id, dict(self.kwargs)
