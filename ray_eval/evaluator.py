@@ -23,7 +23,7 @@ from ray_eval.backends import ray_session
 from ray_eval.backends.local_backend import LocalBackend
 from ray_eval.delivery import Delivery, Publisher, Request
 from ray_eval.env_input import EnvLike
-from ray_eval.errors import EvaluatorBusyError
+from ray_eval.errors import BUSY_MESSAGE, EvaluatorBusyError
 from ray_eval.options import BACKENDS, build_configs, check_arguments, check_step, env_factories
 from ray_eval.planning import EvalRequest
 from ray_eval.results.episodes import EpisodeData
@@ -152,9 +152,7 @@ class Evaluator:
             if sync:
                 self._delivery.check_can_wait()
             if self._delivery.busy and self._busy_policy == "error":
-                raise EvaluatorBusyError(
-                    "Evaluation already pending. Wait for completion or set busy_policy='queue'."
-                )
+                raise EvaluatorBusyError(BUSY_MESSAGE)
             if self._delivery.busy and self._busy_policy == "skip" and not sync:
                 return None
             copy = isinstance(self._backend, LocalBackend)

@@ -15,7 +15,12 @@ import torch
 from tensordict import TensorDict
 
 import tests.torchrl_parts as parts
-from ray_eval import Evaluator, ResourceUnavailableError, WeightsMismatchError
+from ray_eval import (
+    Evaluator,
+    EvaluatorBusyError,
+    ResourceUnavailableError,
+    WeightsMismatchError,
+)
 
 ray.cloudpickle.register_pickle_by_value(parts)
 
@@ -227,6 +232,30 @@ def test_process_backend_needs_factories_in_torchrls_words(ray_local):
 def test_torchrl_arguments_refused_by_name(ray_local, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Evaluator(parts.env_var_pendulum, parts.pendulum_policy(), **kwargs)
+
+
+def test_busy_error_has_torchrls_wording():
+    """TorchRL 0.14.1's own Evaluator, under busy_policy="error", and ray_eval's say the same."""
+    from torchrl.collectors import Evaluator as TorchRLEvaluator
+
+    torchrl_ev = TorchRLEvaluator(
+        parts.env_var_pendulum, parts.pendulum_policy(), busy_policy="error", max_steps=20
+    )
+    try:
+        torchrl_ev.trigger_eval()
+        with pytest.raises(RuntimeError) as torchrl_error:
+            torchrl_ev.trigger_eval()
+        torchrl_ev.wait(timeout=60)
+    finally:
+        torchrl_ev.shutdown()
+    with Evaluator(
+        parts.env_var_pendulum, parts.pendulum_policy(), num_workers=0, max_steps=20
+    ) as ev:
+        ev.trigger_eval()
+        with pytest.raises(EvaluatorBusyError) as ours:
+            ev.trigger_eval()
+        ev.wait(timeout=60)
+    assert str(ours.value) == str(torchrl_error.value)
 
 
 def test_missing_policy_in_torchrls_words():
