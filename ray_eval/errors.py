@@ -14,7 +14,15 @@ class RayEvalError(RuntimeError):
 
 class EvaluatorBusyError(RayEvalError):
     """``trigger_eval``/``evaluate`` was called while an evaluation was pending
-    under ``busy_policy="error"``."""
+    under ``busy_policy="error"``. Its message is TorchRL 0.14's, word for word
+    (``BUSY_MESSAGE``), so code that matches on TorchRL's text keeps working."""
+
+
+# torchrl/collectors/_evaluator.py, Evaluator.trigger_eval, TorchRL 0.14.1.
+BUSY_MESSAGE = (
+    "Evaluation already pending. Wait for completion or set "
+    "busy_policy='skip' or busy_policy='queue'."
+)
 
 
 class EnvError(RayEvalError):

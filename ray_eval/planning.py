@@ -10,26 +10,15 @@ worker runs which chunk, or on a chunk being run again after a worker died.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ray_eval.episodes import EpisodeData
-from ray_eval.metrics import EvalResult, aggregate
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A contiguous run of planned episodes handed to one worker in one call."""
-
-    member: str  # suite member the episodes belong to ("" for a single env)
-    indices: np.ndarray  # episode indices within the evaluation (int64)
-    seeds: np.ndarray  # one reset seed per episode (int64, fits in uint32)
-    record: np.ndarray  # per episode: record video frames?
-
-    def __len__(self) -> int:
-        return len(self.indices)
+from ray_eval.results.episodes import EpisodeData
+from ray_eval.results.metrics import EvalResult, aggregate, unreported_info_keys
+from ray_eval.rollout.chunk import Chunk
 
 
 def episode_seeds(seed: int, step: int, num_episodes: int) -> np.ndarray:
@@ -146,6 +135,8 @@ class EvaluationPlan:
     traj_format: str = "pad"  # how metrics_fn gets the trajectories: "pad" [N, T] or "cat"
     dump_video: bool = False  # dump the envs' video transforms after each evaluation
     vector_members: tuple[str, ...] = ()  # members on a native vector env (envs.is_vector_source)
+    # info_keys that no episode reported, warned about once (by whoever summarizes)
+    unreported_warned: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def chunks(self, step: int, num_workers: int) -> list[Chunk]:
         """The chunks of the evaluation at ``step``."""
@@ -177,13 +168,14 @@ class EvaluationPlan:
             seed=self.seed,
             metrics_fn=self.episode_metrics_fn,
         )
+        self._warn_unreported(episodes)
         # What the weights cost the workers: 0 and 0 when every worker had them already.
         metrics[f"{self.prefix}/weights_loads"] = sum(b.weights_loads for b in batches)
         metrics[f"{self.prefix}/weights_loaded_bytes"] = sum(
             b.weights_loaded_bytes for b in batches
         )
         if self.metrics_fn is not None:
-            from ray_eval.trajectories import trajectories
+            from ray_eval.rollout.trajectories import trajectories
 
             batches = sorted(
                 batches, key=lambda b: (list(self.members).index(b.member), b.indices[0])
@@ -191,6 +183,18 @@ class EvaluationPlan:
             custom = self.metrics_fn(trajectories(batches, self.traj_format))
             metrics.update({f"{self.prefix}/{k}": v for k, v in dict(custom).items()})
         return EvalResult(metrics, episodes)
+
+    def _warn_unreported(self, episodes: EpisodeData) -> None:
+        """One warning per info key that the env never reported (its metric is NaN)."""
+        for key in unreported_info_keys(episodes):
+            if key not in self.unreported_warned:
+                self.unreported_warned.add(key)
+                warnings.warn(
+                    f"info_keys: the env never reported {key!r} (not in its step info or "
+                    f"TensorDict in any episode): {self.prefix}/info/{key} is NaN",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def video_makers(self, batches: list) -> dict[int, list[str]]:
         """Which worker dumps which members' videos: the one that ran episode 0."""

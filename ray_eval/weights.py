@@ -238,10 +238,19 @@ def resolve_part(env, key: str):
     return target
 
 
+# TorchRL's VecNorm (v1) warns when statistics are loaded into a copy that has
+# not run yet: its concern is processes that share one live statistic. Each of
+# ray_eval's env copies gets the trainer's statistics loaded by ray_eval itself,
+# so the warning would only make users think the statistics did not travel.
+_UNSHARED_VECNORM_WARNING = r"VecNorm wasn't initialized and the tensordict is not shared"
+
+
 def load_env_state(env, env_state: EnvState) -> None:
     """Load each part's state into ``env`` (one env copy)."""
     for key, state in env_state.items():
         part = resolve_part(env, key)
         if not isinstance(part, nn.Module):
             raise ValueError(f"weights_dict key {key!r} names a {type(part).__name__}")
-        part.load_state_dict(state)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _UNSHARED_VECNORM_WARNING, UserWarning)
+            part.load_state_dict(state)

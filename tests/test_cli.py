@@ -15,20 +15,21 @@ import sys
 import gymnasium as gym
 import pytest
 import torch
+from pydantic import BaseModel
 from tensordict import TensorDict
 
-from ray_eval.checkpoints import (
+from ray_eval.factories import MLPPolicy
+from ray_eval.jobs.checkpoints import (
     CheckpointError,
     find_checkpoints,
     load_weights,
     step_of,
     write_metadata,
 )
-from ray_eval.cli import main
-from ray_eval.config import ConfigError, load_config
-from ray_eval.factories import MLPPolicy
-from ray_eval.plotting import curves, plot_results
-from ray_eval.results import append_result, read_results
+from ray_eval.jobs.cli import main
+from ray_eval.jobs.config import UNHASHED_FIELDS, ConfigError, EvalConfig, load_config
+from ray_eval.results.plotting import curves, plot_results
+from ray_eval.results.results_file import append_result, read_results
 from tests.procs import BIN, ROOT, env_for_subprocess
 
 PENDULUM = str(ROOT / "configs" / "pendulum.yaml")
@@ -90,6 +91,82 @@ def test_config_hash_covers_what_decides_the_numbers():
     assert load_config(PENDULUM, ["workers.num_workers=7", "output=x.jsonl"]).config_hash() == base
     assert load_config(PENDULUM, ["seed=1"]).config_hash() != base
     assert load_config(PENDULUM, ["policy.hidden_sizes=[8]"]).config_hash() != base
+
+
+# Every field of a config: (overrides giving a base config where the field applies,
+# overrides changing that field alone). The test below fails on a field missing here.
+FACTORY_ENV = [
+    "env={factory: 'ray_eval.factories:gym_env_with_transforms', kwargs: {env_id: Pendulum-v1}}"
+]
+FACTORY_POLICY = ["policy={type: factory, factory: 'ray_eval.factories:mlp_policy'}"]
+FIELD_CHANGES = {
+    "name": ([], ["name=other"]),
+    "env.id": ([], ["env.id=MountainCarContinuous-v0"]),
+    "env.factory": (FACTORY_ENV, ["env.factory=ray_eval.factories:mujoco_env"]),
+    "env.kwargs": ([], ["env.kwargs.g=9.0"]),
+    "policy.type": ([], ["policy={type: nature_cnn}"]),
+    "policy.hidden_sizes": ([], ["policy.hidden_sizes=[8]"]),
+    "policy.activation": ([], ["policy.activation=relu"]),
+    "policy.init_seed": ([], ["policy.init_seed=5"]),
+    "policy.factory": (FACTORY_POLICY, ["policy.factory=ray_eval.factories:nature_cnn_policy"]),
+    "policy.kwargs": (FACTORY_POLICY, ["policy.kwargs.init_seed=3"]),
+    "num_trajectories": ([], ["num_trajectories=17"]),
+    "max_steps": ([], ["max_steps=100"]),
+    "seed": ([], ["seed=1"]),
+    "busy_policy": ([], ["busy_policy=latest"]),
+    "exploration_type": ([], ["exploration_type=random"]),
+    "log_prefix": ([], ["log_prefix=test"]),
+    "timeout": ([], ["timeout=30"]),
+    "workers.num_workers": ([], ["workers.num_workers=7"]),
+    "workers.num_cpus": ([], ["workers.num_cpus=0.5"]),
+    "workers.num_gpus": ([], ["workers.num_gpus=1"]),
+    "workers.resources": ([], ["workers.resources={accelerator: 1}"]),
+    "workers.envs_per_worker": ([], ["workers.envs_per_worker=8"]),
+    "workers.max_restarts": ([], ["workers.max_restarts=0"]),
+    "workers.placement": ([], ["workers.placement=spread"]),
+    "workers.startup_timeout": ([], ["workers.startup_timeout=5"]),
+    "checkpoint.allow_pickle": ([], ["checkpoint.allow_pickle=true"]),
+    "checkpoint.key": ([], ["checkpoint.key=policy"]),
+    "output": ([], ["output=x.jsonl"]),
+    "loggers": ([], ["loggers=[]"]),
+}
+
+
+def config_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted names of every field of ``model``, through nested models and unions."""
+    names = set()
+    for name, field in model.model_fields.items():
+        inner = [m for m in _models_in(field.annotation) if m is not model]
+        if inner and name != "loggers":  # a list of loggers: where results go, as a whole
+            for sub in inner:
+                names |= config_fields(sub, f"{prefix}{name}.")
+        else:
+            names.add(prefix + name)
+    return names
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
+
+
+def test_each_config_field_changes_the_hash_or_is_documented_not_to():
+    fields = config_fields(EvalConfig)
+    assert fields == set(FIELD_CHANGES), "add the new field to FIELD_CHANGES"
+    assert set(UNHASHED_FIELDS) <= fields
+    for field, (base_overrides, change) in FIELD_CHANGES.items():
+        base = load_config(PENDULUM, base_overrides)
+        changed = load_config(PENDULUM, base_overrides + change)
+        assert changed != base, field  # the override did change the config
+        same = changed.config_hash() == base.config_hash()
+        assert same == (field in UNHASHED_FIELDS), (field, UNHASHED_FIELDS.get(field))
+
+
+def test_fields_added_to_the_hash_keep_the_hash_of_configs_that_leave_them_unset():
+    # The hash of the shipped config, as computed before checkpoint.key and
+    # workers.num_gpus entered it: results files written then are still recognized.
+    assert load_config(PENDULUM).config_hash() == "d3c8adb5467ecda7"
 
 
 @pytest.mark.parametrize(

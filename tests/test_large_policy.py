@@ -23,8 +23,8 @@ from ray.util.state import list_objects
 from torch import nn
 
 from ray_eval import Evaluator
+from ray_eval.backends.pool import SHARED_INITIAL_WEIGHTS_MIN_BYTES
 from ray_eval.memory import release_store_pages
-from ray_eval.pool import SHARED_INITIAL_WEIGHTS_MIN_BYTES
 from ray_eval.weights import (
     _CHUNK,
     load_payload,
@@ -260,15 +260,36 @@ def test_release_store_pages_unmaps_only_the_stores_shared_pages():
         for mapping in (store, other):
             mapping.write(b"\x01" * size)  # make every page resident
         mapped = memory_mib(os.getpid())["shmem"]
+        assert _mapping_rss("plasma-test-") >= 0.9 * size
+        assert _mapping_rss("not-the-store-") >= 0.9 * size
         released = release_store_pages()
-        assert released >= 0.9 * size
+        assert 0.9 * size <= released <= 1.1 * size
         assert memory_mib(os.getpid())["shmem"] < mapped - 0.9 * size / 2**20
+        # Only the store's pages left this process: the other shared mapping stays resident.
+        assert _mapping_rss("plasma-test-") <= 0.1 * size
+        assert _mapping_rss("not-the-store-") >= 0.9 * size
         # The data is still there, read back from the shared file; nothing else changed.
         assert store[:] == b"\x01" * size and other[:] == b"\x01" * size
         assert np.all(private == 7.0)
     finally:
         store.close()
         other.close()
+
+
+def _mapping_rss(prefix: str) -> int:
+    """Resident bytes of this process's one mapping of a file named ``prefix...``."""
+    found = []
+    with open("/proc/self/smaps") as smaps:
+        current = None
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                path = fields[5] if len(fields) > 5 else ""
+                current = os.path.basename(path).startswith(prefix)
+            elif current and fields[0] == "Rss:":
+                found.append(int(fields[1]) * 1024)
+    assert len(found) == 1, (prefix, found)
+    return found[0]
 
 
 def _shared_file(size: int, prefix: str) -> mmap.mmap:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tensordict.nn import TensorDictModule
 from torch import nn
+from torchrl.envs import GymEnv
 
 from ray_eval import Evaluator
-from ray_eval.config import load_config
+from ray_eval.jobs.config import load_config
 from tests.procs import ROOT
 
 # 300 episodes, 64 env slots per worker (the default). In-process (one "worker") the plan
@@ -112,6 +114,36 @@ def test_the_mountain_car_case_sees_the_batch_size():
             returns[envs_per_worker] = ev.evaluate(step=2).episodes.returns
     assert (returns[64] != returns[7]).sum() >= 10
     np.testing.assert_allclose(returns[64], returns[7], rtol=1e-5)  # only the last bits
+
+
+def test_envs_per_worker_1_gives_a_plain_unbatched_rollouts_returns():
+    """The recipe for matching an existing unbatched evaluation: ``envs_per_worker=1``
+    gives, bit for bit, the returns of TorchRL's ``env.rollout`` of one env with the same
+    reset seeds (a return: the float32 rewards summed in float64). The default batch
+    does not: its last bits differ."""
+    policy = mountain_car_policy()
+    returns, seeds = {}, None
+    for envs_per_worker in (1, 64):
+        with Evaluator(
+            "MountainCarContinuous-v0",
+            policy,
+            num_workers=0,
+            num_trajectories=12,
+            seed=11,
+            envs_per_worker=envs_per_worker,
+        ) as ev:
+            episodes = ev.evaluate(step=2).episodes
+        returns[envs_per_worker], seeds = episodes.returns, episodes.seeds
+    env = GymEnv("MountainCarContinuous-v0")
+    actor = TensorDictModule(policy, in_keys=["observation"], out_keys=["action"])
+    plain = []
+    with torch.no_grad():
+        for seed in seeds.tolist():
+            rollout = env.rollout(1000, actor, auto_reset=False, tensordict=env.reset(seed=seed))
+            plain.append(rollout["next", "reward"].double().sum().item())
+    np.testing.assert_array_equal(returns[1], plain)
+    assert (returns[64] != plain).sum() >= 6  # the default batch changes the last bits
+    np.testing.assert_allclose(returns[64], plain, rtol=1e-5)
 
 
 class CalledOn(nn.Module):

@@ -7,6 +7,8 @@ reports them in ``info`` only, with or without an info-dict reader set.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from tensordict.nn import TensorDictModule
@@ -30,9 +32,10 @@ def run(env, policy, **kwargs):
 
 def test_success_and_info_keys_from_a_torchrl_envs_tensordict(ray_local):
     result, episodes, loop = run(
-        SeededCountdownEnv(), linear_policy(3), num_workers=2, info_keys=("speed",)
+        SeededCountdownEnv(), linear_policy(3), num_workers=2, info_keys=("speed", "sped")
     )
     assert loop == "TorchRLRollout"
+    assert np.isnan(result["eval/info/sped"])  # never reported: NaN, not 0.0
     # SeededCountdownEnv succeeds when its episode's length is even.
     assert result["eval/success_rate"] == pytest.approx((episodes.lengths % 2 == 0).mean())
     assert 0 < result["eval/success_rate"] < 1
@@ -69,3 +72,35 @@ def test_success_from_an_info_dict_reader_on_the_torchrl_loop(ray_local):
     assert fast_loop == "GymnasiumRollout"
     assert fast["eval/success_rate"] == result["eval/success_rate"]
     np.testing.assert_array_equal(fast_episodes.lengths, episodes.lengths)
+
+
+# -- an info key the env never reports -----------------------------------------------------------
+
+
+def cartpole_policy() -> nn.Module:
+    return nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize(
+    ("env", "policy", "loop"),
+    [
+        (SuccessInfoEnv, linear_policy(2), "GymnasiumRollout"),
+        (SeededCountdownEnv, linear_policy(3), "TorchRLRollout"),
+        ("vector:CartPole-v1", cartpole_policy(), "VectorRollout"),
+    ],
+    ids=["gymnasium", "torchrl", "vector"],
+)
+def test_an_info_key_never_reported_is_nan_with_one_warning(env, policy, loop):
+    """A typo in info_keys must not read as zeros: NaN, and one warning per evaluator."""
+    with Evaluator(
+        env, policy, num_workers=0, num_trajectories=6, info_keys=("sped",), max_steps=20
+    ) as evaluator:
+        with pytest.warns(RuntimeWarning, match=r"never reported 'sped'.*eval/info/sped is NaN"):
+            first = evaluator.evaluate()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second evaluation warns no more
+            second = evaluator.evaluate()
+        assert evaluator.workers[0].rollouts[""] == loop
+    for result in (first, second):
+        assert np.isnan(result["eval/info/sped"])
+        assert np.isnan(result.episodes.infos["sped"]).all()

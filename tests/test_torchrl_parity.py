@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +15,12 @@ import torch
 from tensordict import TensorDict
 
 import tests.torchrl_parts as parts
-from ray_eval import Evaluator, ResourceUnavailableError, WeightsMismatchError
+from ray_eval import (
+    Evaluator,
+    EvaluatorBusyError,
+    ResourceUnavailableError,
+    WeightsMismatchError,
+)
 
 ray.cloudpickle.register_pickle_by_value(parts)
 
@@ -74,6 +80,32 @@ def test_normalization_is_frozen_and_its_statistics_travel_in_weights_dict(ray_l
     after = stats_a.state_dict()["_extra_state"]
     assert not stats_a.frozen and after.keys() == trainer_state.keys()
     assert all(torch.equal(after[k], v) for k, v in trainer_state.items())
+
+
+@pytest.mark.filterwarnings("ignore:This class is to be deprecated:FutureWarning")
+def test_vecnorm_v1_statistics_load_without_torchrls_sharing_warning():
+    """TorchRL's VecNorm (v1) warns "VecNorm wasn't initialized and the tensordict is not
+    shared" when statistics are loaded into a copy that never ran: every env copy would
+    print it although ray_eval loaded the trainer's statistics into each one."""
+    stats = parts.fed_vecnorm(40, seed=1, make_env=parts.vecnorm_v1_env)
+    with Evaluator(
+        parts.vecnorm_v1_env,
+        parts.pendulum_policy(),
+        num_workers=0,  # the same worker code as a Ray worker, in this process's warnings
+        num_trajectories=4,
+        max_steps=20,
+    ) as ev:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = ev.evaluate(weights_dict={"env.transform[0]": stats}, step=0)
+        fresh = parts.fed_vecnorm(400, seed=2, make_env=parts.vecnorm_v1_env)
+        other = ev.evaluate(weights_dict={"env.transform[0]": fresh}, step=0)
+    assert [str(w.message) for w in caught if "VecNorm wasn't initialized" in str(w.message)] == []
+    # The statistics did travel: other statistics, other returns.
+    assert not np.array_equal(loaded.episodes.returns, other.episodes.returns)
+    # A VecNorm loaded outside ray_eval still warns: only ray_eval's loads are silenced.
+    with pytest.warns(UserWarning, match="VecNorm wasn't initialized"):
+        parts.vecnorm_v1_env().transform[0].load_state_dict(stats.state_dict())
 
 
 # -- dump_video --------------------------------------------------------------------------------------
@@ -200,6 +232,30 @@ def test_process_backend_needs_factories_in_torchrls_words(ray_local):
 def test_torchrl_arguments_refused_by_name(ray_local, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Evaluator(parts.env_var_pendulum, parts.pendulum_policy(), **kwargs)
+
+
+def test_busy_error_has_torchrls_wording():
+    """TorchRL 0.14.1's own Evaluator, under busy_policy="error", and ray_eval's say the same."""
+    from torchrl.collectors import Evaluator as TorchRLEvaluator
+
+    torchrl_ev = TorchRLEvaluator(
+        parts.env_var_pendulum, parts.pendulum_policy(), busy_policy="error", max_steps=20
+    )
+    try:
+        torchrl_ev.trigger_eval()
+        with pytest.raises(RuntimeError) as torchrl_error:
+            torchrl_ev.trigger_eval()
+        torchrl_ev.wait(timeout=60)
+    finally:
+        torchrl_ev.shutdown()
+    with Evaluator(
+        parts.env_var_pendulum, parts.pendulum_policy(), num_workers=0, max_steps=20
+    ) as ev:
+        ev.trigger_eval()
+        with pytest.raises(EvaluatorBusyError) as ours:
+            ev.trigger_eval()
+        ev.wait(timeout=60)
+    assert str(ours.value) == str(torchrl_error.value)
 
 
 def test_missing_policy_in_torchrls_words():

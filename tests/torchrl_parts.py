@@ -12,7 +12,15 @@ import torch
 from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.data import Unbounded
-from torchrl.envs import Compose, GymEnv, StepCounter, Transform, TransformedEnv, VecNormV2
+from torchrl.envs import (
+    Compose,
+    GymEnv,
+    StepCounter,
+    Transform,
+    TransformedEnv,
+    VecNorm,
+    VecNormV2,
+)
 from torchrl.record import VideoRecorder
 
 
@@ -67,9 +75,17 @@ def vecnorm_env() -> TransformedEnv:
     )
 
 
-def fed_vecnorm(steps: int, seed: int) -> VecNormV2:
-    """A trainer's VecNormV2 after ``steps`` random steps."""
-    env = vecnorm_env()
+def vecnorm_v1_env() -> TransformedEnv:
+    """The same with TorchRL's first ``VecNorm``, which TorchRL's PPO MuJoCo script uses."""
+    return TransformedEnv(
+        GymEnv("Pendulum-v1"),
+        Compose(VecNorm(in_keys=["observation"], new_api=False), StepCounter()),
+    )
+
+
+def fed_vecnorm(steps: int, seed: int, make_env=vecnorm_env) -> VecNormV2 | VecNorm:
+    """A trainer's normalization (``make_env``'s ``transform[0]``) after ``steps`` random steps."""
+    env = make_env()
     env.set_seed(seed)
     td = env.reset()
     for _ in range(steps):

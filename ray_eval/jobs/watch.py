@@ -20,9 +20,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_eval.checkpoints import Checkpoint, CheckpointError, find_checkpoints, quiet_for, signature
-from ray_eval.results import append_result, read_results
-from ray_eval.runner import EvalJob
+from ray_eval.jobs.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    find_checkpoints,
+    quiet_for,
+    signature,
+)
+from ray_eval.jobs.runner import EvalJob
+from ray_eval.results.results_file import append_result, read_results
 
 log = logging.getLogger("ray_eval")
 

@@ -15,7 +15,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from ray_eval.episodes import SUCCESS_KEY, EpisodeData
+from ray_eval.results.episodes import SUCCESS_KEY, EpisodeData
 
 BOOTSTRAP_SAMPLES = 2000
 CONFIDENCE = 0.95
@@ -166,10 +166,21 @@ def episode_metrics(episodes: EpisodeData, rng: np.random.Generator) -> dict[str
     }
     for key, values in episodes.infos.items():
         known = values[~np.isnan(values)]
-        if len(known):
-            name = "success_rate" if key == SUCCESS_KEY else f"info/{key}"
-            out[name] = float(known.mean())
+        if key == SUCCESS_KEY:
+            if len(known):
+                out["success_rate"] = float(known.mean())
+        else:  # an info key asked for: NaN if no episode reported it (see unreported_info_keys)
+            out[f"info/{key}"] = float(known.mean()) if len(known) else float("nan")
     return out
+
+
+def unreported_info_keys(episodes: EpisodeData) -> list[str]:
+    """The ``info_keys`` that no episode reported (their metric is NaN)."""
+    return [
+        key
+        for key, values in episodes.infos.items()
+        if key != SUCCESS_KEY and np.isnan(values).all()
+    ]
 
 
 def aggregate(

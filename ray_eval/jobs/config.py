@@ -41,8 +41,29 @@ from pydantic import (
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 OVERRIDE = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)=(.*)$", re.DOTALL)
-# The fields that decide the numbers an evaluation gives; the config hash covers these.
-RESULT_FIELDS = (
+# The fields that do not change the numbers an evaluation gives, and why: the config
+# hash leaves out these, and only these (tests/test_cli.py changes every field in turn).
+UNHASHED_FIELDS = {
+    "name": "a label for tables and plots",
+    "busy_policy": "how requests wait for each other, not what they compute",
+    "timeout": "when to give up on an evaluation, not what it computes",
+    "output": "where results are written",
+    "loggers": "where results are sent",
+    "workers.num_workers": "episodes carry their own seeds: any number of workers gives "
+    "the same numbers",
+    "workers.num_cpus": "where workers run, not what they compute",
+    "workers.resources": "where workers run, not what they compute",
+    "workers.placement": "where workers run, not what they compute",
+    "workers.max_restarts": "a chunk run again gives the same episodes",
+    "workers.startup_timeout": "when to give up on a worker's start",
+    "checkpoint.allow_pickle": "whether a pickled module may be read, not what is read from it",
+}
+# Hashed with their value even at its default: the fields the hash covered from the start
+# (``workers.envs_per_worker``: the env copies a worker steps as one batch fix the batch of
+# every policy call, and a batched matrix product gives bit-for-bit different rows for
+# different batch sizes). Every other hashed field enters the hash only when it differs from
+# its default, so results files written before it existed keep their hashes.
+ALWAYS_HASHED = (
     "env",
     "policy",
     "num_trajectories",
@@ -50,11 +71,8 @@ RESULT_FIELDS = (
     "seed",
     "exploration_type",
     "log_prefix",
+    "workers.envs_per_worker",
 )
-# ... and of the worker settings, the one that does: the env copies a worker steps as one
-# batch fix the batch size of every policy call, and a batched matrix product gives
-# bit-for-bit different rows for different batch sizes.
-RESULT_WORKER_FIELDS = ("envs_per_worker",)
 
 
 class ConfigError(ValueError):
@@ -114,7 +132,11 @@ class EnvConfig(_Strict):
         if value is not None:
             import gymnasium as gym
 
-            from ray_eval.envs import ENVPOOL_PREFIX, VECTOR_PREFIX, vector_source_from_id
+            from ray_eval.rollout.vector_sources import (
+                ENVPOOL_PREFIX,
+                VECTOR_PREFIX,
+                vector_source_from_id,
+            )
 
             if value.startswith((ENVPOOL_PREFIX, VECTOR_PREFIX)):
                 vector_source_from_id(value)  # a native vector env: raises if unknown
@@ -147,7 +169,8 @@ class EnvConfig(_Strict):
         if self.id is not None:
             if not self.kwargs:
                 return self.id
-            from ray_eval.envs import GymMake, vector_source_from_id
+            from ray_eval.env_input import GymMake
+            from ray_eval.rollout.vector_sources import vector_source_from_id
 
             return vector_source_from_id(self.id, self.kwargs) or GymMake(
                 self.id, dict(self.kwargs)
@@ -274,17 +297,34 @@ class EvalConfig(_Strict):
     loggers: list[LoggerConfig] = Field(default_factory=list)
 
     def config_hash(self) -> str:
-        """A short hash of what decides the numbers (env, policy, episodes, seed, ...).
+        """A short hash of every field that decides the numbers (see ``UNHASHED_FIELDS``).
 
-        Output, loggers and the workers' number and resources are left out: the
-        same evaluation on 1 or 8 workers gives the same numbers, so it keeps the
-        same hash. ``workers.envs_per_worker`` is in: it changes the last bits.
+        Output, loggers, timeouts and the workers' number and resources are left
+        out: the same evaluation on 1 or 8 workers gives the same numbers, so it
+        keeps the same hash. ``checkpoint.key`` (which weights are read),
+        ``workers.envs_per_worker`` (the batch: the last bits) and
+        ``workers.num_gpus`` (where the policy runs: other kernels) are in.
         """
-        include: dict[str, Any] = {name: True for name in RESULT_FIELDS}
-        include["workers"] = set(RESULT_WORKER_FIELDS)
-        data = self.model_dump(mode="json", include=include)
+        data = _hashed(self, self.model_dump(mode="json"), "")
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _hashed(model: BaseModel, dumped: dict, prefix: str) -> dict:
+    """The part of ``dumped`` (``model``'s JSON dump) that the config hash covers."""
+    out = {}
+    for name, field in type(model).model_fields.items():
+        path = prefix + name
+        value = getattr(model, name)
+        if path in UNHASHED_FIELDS:
+            continue
+        if path not in ALWAYS_HASHED and isinstance(value, _Strict):
+            inner = _hashed(value, dumped[name], path + ".")
+            if inner:
+                out[name] = inner
+        elif path in ALWAYS_HASHED or value != field.get_default(call_default_factory=True):
+            out[name] = dumped[name]
+    return out
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:

@@ -28,10 +28,10 @@ import torch
 from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
 from tensordict import TensorDictBase
 
-from ray_eval.episodes import SUCCESS_KEY, EpisodeBatch
 from ray_eval.errors import EnvError
-from ray_eval.planning import Chunk
-from ray_eval.torchrl_env import attach_info_tap, seeded_reset
+from ray_eval.results.episodes import SUCCESS_KEY, EpisodeBatch
+from ray_eval.rollout.chunk import Chunk
+from ray_eval.rollout.torchrl_env import attach_info_tap, seeded_reset
 
 
 class _EpisodeLog:
@@ -72,7 +72,9 @@ class _EpisodeLog:
         )
 
     def batch(self, seconds: float) -> EpisodeBatch:
-        infos = {k: v for k, v in self.infos.items() if not np.isnan(v).all()}
+        # Every info key asked for stays, NaN where an episode never reported it; the
+        # success flag only where the env has one.
+        infos = {k: v for k, v in self.infos.items() if k != SUCCESS_KEY or not np.isnan(v).all()}
         frames = {int(self.chunk.indices[i]): np.stack(f) for i, f in self.frames.items()}
         return EpisodeBatch(
             member=self.chunk.member,
@@ -161,7 +163,8 @@ class GymnasiumRollout(_EnvSlots):
         slot_episode = [-1] * self.batch_size
         slot_return = [0.0] * self.batch_size
         slot_length = [0] * self.batch_size
-        slot_info = [dict.fromkeys(info_keys, 0.0) for _ in range(self.batch_size)]
+        # Per slot, each info key's sum over the episode's steps (None: not reported yet).
+        slot_info = [dict.fromkeys(info_keys) for _ in range(self.batch_size)]
 
         def start(slot: int) -> None:
             i = log.take_next()
@@ -169,7 +172,7 @@ class GymnasiumRollout(_EnvSlots):
             slot_return[slot] = 0.0
             slot_length[slot] = 0
             if info_keys:
-                slot_info[slot] = dict.fromkeys(info_keys, 0.0)
+                slot_info[slot] = dict.fromkeys(info_keys)
             try:
                 obs[slot], _ = envs[slot].reset(seed=log.seeds[i])
                 if log.record[i]:
@@ -184,7 +187,7 @@ class GymnasiumRollout(_EnvSlots):
             if SUCCESS_KEY in info:
                 log.infos[SUCCESS_KEY][i] = float(info[SUCCESS_KEY])
             for key in info_keys:
-                log.infos[key][i] = slot_info[slot][key] / length
+                log.infos[key][i] = _per_step(slot_info[slot][key], length)
 
         active = list(range(min(len(chunk), self.batch_size)))
         for slot in active:
@@ -207,7 +210,7 @@ class GymnasiumRollout(_EnvSlots):
                     acc = slot_info[slot]
                     for key in info_keys:
                         if key in info:
-                            acc[key] += float(info[key])
+                            acc[key] = _add(acc[key], info[key])
                 if frames and slot_episode[slot] in frames:
                     frames[slot_episode[slot]].append(envs[slot].render())
                 if terminated or truncated or length >= limit[slot]:
@@ -296,7 +299,7 @@ class TorchRLRollout(_EnvSlots):
         slot_episode = [-1] * self.batch_size
         slot_return = [0.0] * self.batch_size
         slot_length = [0] * self.batch_size
-        slot_info = [dict.fromkeys(self._info_keys, 0.0) for _ in range(self.batch_size)]
+        slot_info = [dict.fromkeys(self._info_keys) for _ in range(self.batch_size)]
         recording = self.record_trajectories
         slot_steps: list[list] = [[] for _ in range(self.batch_size)]
         if recording:
@@ -308,7 +311,7 @@ class TorchRLRollout(_EnvSlots):
             slot_return[slot] = 0.0
             slot_length[slot] = 0
             slot_steps[slot] = []
-            slot_info[slot] = dict.fromkeys(self._info_keys, 0.0)
+            slot_info[slot] = dict.fromkeys(self._info_keys)
             try:
                 slot_td[slot] = self._reset(envs[slot], log.seeds[i]).select(*keys)
                 if log.record[i]:
@@ -343,9 +346,9 @@ class TorchRLRollout(_EnvSlots):
                 info = taps[slot].info if taps[slot] is not None else {}
                 for key in self._info_keys:
                     if key in nxt.keys():
-                        slot_info[slot][key] += float(nxt.get(key))
+                        slot_info[slot][key] = _add(slot_info[slot][key], nxt.get(key))
                     elif key in info:
-                        slot_info[slot][key] += float(info[key])
+                        slot_info[slot][key] = _add(slot_info[slot][key], info[key])
                 if i in log.frames:
                     log.frames[i].append(_render(envs[slot]))
                 if bool(nxt.get(self.done_key).any()) or slot_length[slot] >= max_steps:
@@ -358,7 +361,7 @@ class TorchRLRollout(_EnvSlots):
                     elif SUCCESS_KEY in info:
                         log.infos[SUCCESS_KEY][i] = float(info[SUCCESS_KEY])
                     for key in self._info_keys:
-                        log.infos[key][i] = slot_info[slot][key] / slot_length[slot]
+                        log.infos[key][i] = _per_step(slot_info[slot][key], slot_length[slot])
                     if log.has_next():
                         start(slot)
                         still_running.append(slot)
@@ -367,6 +370,16 @@ class TorchRLRollout(_EnvSlots):
                     still_running.append(slot)
             active = still_running
         return log.batch(time.perf_counter() - started)
+
+
+def _add(total: float | None, value) -> float:
+    """An info key's running sum over an episode (``None``: not reported yet)."""
+    return float(value) if total is None else total + float(value)
+
+
+def _per_step(total: float | None, length: int) -> float:
+    """An info key's per-step mean over its episode; NaN if the env never reported it."""
+    return math.nan if total is None else total / length
 
 
 def _render(env) -> np.ndarray:

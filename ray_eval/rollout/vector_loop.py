@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from ray_eval.episodes import SUCCESS_KEY, EpisodeBatch
-from ray_eval.planning import Chunk
-from ray_eval.rollout import _EpisodeLog
+from ray_eval.results.episodes import SUCCESS_KEY, EpisodeBatch
+from ray_eval.rollout.chunk import Chunk
+from ray_eval.rollout.loops import _EpisodeLog
 
 NEXT_STEP = "NextStep"  # gymnasium >= 1.0 and EnvPool: the step after the last one resets
 SAME_STEP = "SameStep"  # the last step already returns the next episode's first observation
@@ -164,6 +164,7 @@ class VectorRollout:
         outside = np.zeros(n, dtype=bool)
         cut_short = np.zeros(n, dtype=bool)
         sums = {key: np.zeros(n, dtype=np.float64) for key in info_keys}
+        reported = {key: np.zeros(n, dtype=bool) for key in info_keys}  # in the running episode
         remaining = num_episodes
         obs = observations(obs)
         while remaining:
@@ -192,12 +193,12 @@ class VectorRollout:
             for key in info_keys:
                 if key in info:
                     values = np.asarray(info[key], dtype=np.float64)
-                    np.add(
-                        sums[key],
-                        values,
-                        out=sums[key],
-                        where=inside if inside is not None else True,
-                    )
+                    # gymnasium's vector envs mark the slots that reported a key in "_<key>"
+                    where = np.asarray(info.get("_" + key, True), dtype=bool)
+                    if inside is not None:
+                        where = where & inside
+                    np.add(sums[key], values, out=sums[key], where=where)
+                    reported[key] |= where
             if cuts:
                 cut = lengths >= max_steps
                 if inside is not None:
@@ -214,13 +215,14 @@ class VectorRollout:
                     positions = finished[counted] * n + counted
                     log.returns[positions] = returns[counted]
                     log.lengths[positions] = lengths[counted]
-                    _record_infos(log, info, positions, counted, sums, lengths)
+                    _record_infos(log, info, positions, counted, sums, reported, lengths)
                     remaining -= len(counted)
                 finished[slots] += 1
                 returns[slots] = 0.0
                 lengths[slots] = 0
                 for key in info_keys:
                     sums[key][slots] = 0.0
+                    reported[key][slots] = False
             if cuts:
                 cut_short &= ~ended  # the env ended the cut episode: its slot starts the next
                 outside = (ended | cut_short) if next_step else cut_short.copy()
@@ -244,10 +246,13 @@ def _record_infos(
     positions: np.ndarray,
     counted: np.ndarray,
     sums: dict[str, np.ndarray],
+    reported: dict[str, np.ndarray],
     lengths: np.ndarray,
 ) -> None:
-    """``is_success`` at an episode's last step, and the per-step mean of ``info_keys``."""
+    """``is_success`` at an episode's last step, and the per-step mean of ``info_keys``
+    (NaN for an episode that never reported the key)."""
     if SUCCESS_KEY in info:
         log.infos[SUCCESS_KEY][positions] = np.asarray(info[SUCCESS_KEY], dtype=np.float64)[counted]
     for key, total in sums.items():
-        log.infos[key][positions] = total[counted] / lengths[counted]
+        means = total[counted] / lengths[counted]
+        log.infos[key][positions] = np.where(reported[key][counted], means, np.nan)
