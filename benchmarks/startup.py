@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,10 @@ import time
 from collections.abc import Sequence
 
 WORKER_IMPORTS = "import torch, tensordict, torchrl.envs, gymnasium"
+
+
+def _niceness() -> int:
+    return os.nice(0)
 
 
 def child(mode: str) -> dict:
@@ -51,9 +56,12 @@ def child(mode: str) -> dict:
         started = time.perf_counter()
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
         out["ray_init_s"] = time.perf_counter() - started
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     evaluator = Evaluator(partial(GymEnv, "Pendulum-v1"), policy, num_trajectories=64)
     out["evaluator_s"] = time.perf_counter() - started
+    out["evaluator_driver_cpu_s"] = time.process_time() - cpu
+    # Ray starts its workers at this niceness (RAY_worker_niceness; Ray's default is 15).
+    out["worker_nice"] = ray.get(ray.remote(num_cpus=0)(_niceness).remote())
     started = time.perf_counter()
     evaluator.evaluate(weights=policy)
     out["first_evaluate_s"] = time.perf_counter() - started
@@ -63,23 +71,36 @@ def child(mode: str) -> dict:
     return out
 
 
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def worker_parts() -> dict:
-    """What one worker pays: a Python with its imports, and its env copies."""
-    started = time.perf_counter()
+    """What one worker pays: a Python with its imports, and its env copies. CPU seconds
+    beside wall seconds: on a loaded machine the wall time stretches, the CPU time less."""
+    started, cpu = time.perf_counter(), _children_cpu_s()
     subprocess.run([sys.executable, "-c", "pass"], check=True)
-    python_s = time.perf_counter() - started
-    started = time.perf_counter()
+    python_s, python_cpu_s = time.perf_counter() - started, _children_cpu_s() - cpu
+    started, cpu = time.perf_counter(), _children_cpu_s()
     subprocess.run([sys.executable, "-c", WORKER_IMPORTS], check=True)
     imports_s = time.perf_counter() - started - python_s
+    imports_cpu_s = _children_cpu_s() - cpu - python_cpu_s
     from torchrl.envs import GymEnv
 
     GymEnv("Pendulum-v1")  # gymnasium's registry and TorchRL's wrapper, loaded once
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     envs = [GymEnv("Pendulum-v1") for _ in range(64)]
-    envs_s = time.perf_counter() - started
+    envs_s, envs_cpu_s = time.perf_counter() - started, time.process_time() - cpu
     for env in envs:
         env.close()
-    return {"python_s": python_s, "worker_imports_s": imports_s, "gymenv_x64_s": envs_s}
+    return {
+        "python_s": python_s,
+        "worker_imports_s": imports_s,
+        "worker_imports_cpu_s": imports_cpu_s,
+        "gymenv_x64_s": envs_s,
+        "gymenv_x64_cpu_s": envs_cpu_s,
+    }
 
 
 def run_child(mode: str) -> dict:
@@ -131,8 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  Ray up:     ray.init() {median('ray-up', 'ray_init_s')}, "
         f"then Evaluator() {median('ray-up', 'evaluator_s')}\n"
         f"  driver imports (torch, TorchRL, ray_eval): {median('ray-down', 'imports_s')}\n"
-        f"  per worker: imports {median('worker', 'worker_imports_s')}, "
-        f"64 GymEnv copies {median('worker', 'gymenv_x64_s')}\n"
+        f"  per worker: imports {median('worker', 'worker_imports_s')} "
+        f"(CPU {median('worker', 'worker_imports_cpu_s')}), "
+        f"64 GymEnv copies {median('worker', 'gymenv_x64_s')} "
+        f"(CPU {median('worker', 'gymenv_x64_cpu_s')})\n"
+        f"  Ray's worker niceness: {rows[0]['ray-down'].get('worker_nice', 'n/a')}\n"
         f"  load average at the end: {load()}"
     )
     return 0
