@@ -1,6 +1,6 @@
 """The public façade: TorchRL's ``Evaluator`` API over a pool of Ray actors.
 
-Usage is in the README. This module checks and delegates: ``options`` checks the
+Usage is in the docs (``docs/``). This module checks and delegates: ``options`` checks the
 arguments, a backend (``ray_backend`` or ``local_backend``) runs evaluations,
 ``delivery`` hands results back in request order.
 """
@@ -41,7 +41,8 @@ class Evaluator:
     dict ``{name: env}`` (a suite). ``policy`` (a TensorDict module, an
     ``nn.Module`` or a callable) is shipped to the workers, or ``policy_factory``
     builds it in each one. ``num_workers=0`` runs in-process. Every argument, with
-    TorchRL's own, is described in the README's "Using it" and "TorchRL" sections.
+    TorchRL's own, is described in the docs pages "The Evaluator's arguments" and
+    "Coming from TorchRL".
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class Evaluator:
         fast_path: bool = True,
         max_unread_results: int | None = 100,
         episode_metrics_fn: Callable[[EpisodeData], dict] | None = None,
-        # TorchRL's own arguments (see torchrl_args and the README's TorchRL section):
+        # TorchRL's own arguments (see torchrl_args and the docs' "Coming from TorchRL"):
         dump_video: bool = True,
         reward_keys: Any = None,
         done_keys: Any = None,
@@ -186,6 +187,7 @@ class Evaluator:
 
     @property
     def last_result(self) -> EvalResult | None:
+        """The latest finished evaluation's result, read or not yet, or ``None``."""
         return self._delivery.last_result
 
     @property
@@ -244,6 +246,8 @@ class Evaluator:
             return {"step_counter": self._step_counter}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Resume from ``state_dict()``: the next evaluation without a ``step`` continues
+        the saved step counter."""
         with self._submit_lock:
             self._step_counter = check_step(state_dict.get("step_counter", 0))
 

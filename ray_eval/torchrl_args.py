@@ -4,7 +4,7 @@ ray_eval runs its own rollout loop on Ray actors rather than a TorchRL
 collector, so a few of TorchRL's arguments have nothing to configure here.
 Each one is either honoured, accepted with the (lack of) effect it has in
 TorchRL itself, or refused with a message that says why and what to do
-instead. The README's TorchRL section lists every difference.
+instead. The docs page "Coming from TorchRL" lists every difference.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The throughput benchmark runs end to end (``--quick``) and prints its tables.
 
 A smoke test: it checks the output's shape, never a speed (CI machines are
-shared and noisy; the benchmark itself is run by hand, see the README).
+shared and noisy; the benchmark itself is run by hand, see docs/performance.md).
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ class EpisodeData:
     def from_batches(
         cls, batches: Sequence[EpisodeBatch], member_order: Sequence[str]
     ) -> EpisodeData:
+        """The episodes of the workers' batches, in plan order: members in
+        ``member_order``, then episode index."""
         rank = {m: i for i, m in enumerate(member_order)}
         batches = sorted(batches, key=lambda b: (rank[b.member], int(b.indices[0])))
         n = [len(b.indices) for b in batches]
@@ -81,6 +83,7 @@ class EpisodeData:
         )
 
     def select(self, member: str) -> EpisodeData:
+        """The episodes of one suite member (``""`` for a single env)."""
         mask = self.members == member
         return EpisodeData(
             members=self.members[mask],
