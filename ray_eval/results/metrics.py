@@ -33,7 +33,7 @@ def _trim(n: int) -> int:
 
 @dataclass(frozen=True)
 class Statistic:
-    """One statistic, computed the three ways an interval may need it."""
+    """One statistic, computed the ways an interval may need it."""
 
     name: str
     # (samples, n) sorted resamples -> samples estimates
@@ -42,6 +42,9 @@ class Statistic:
     of_counts: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
     # sorted values -> (estimate, its large-sample standard error)
     with_standard_error: Callable[[np.ndarray], tuple[float, float]]
+    # sorted values, rng, samples -> samples estimates of bootstrap resamples, past both
+    # exact limits; None: the normal-theory interval from ``with_standard_error``
+    of_large_resamples: Callable[[np.ndarray, np.random.Generator, int], np.ndarray] | None = None
 
 
 def _mean_with_se(ordered: np.ndarray) -> tuple[float, float]:
@@ -73,11 +76,45 @@ def _iqm_with_se(ordered: np.ndarray) -> tuple[float, float]:
     return estimate, float(winsorized.std() / ((n - 2 * cut) / n) / np.sqrt(n))
 
 
+# Extreme values at each end that a large resample of the mean draws one by one.
+EXACT_TAIL = 1024
+
+
+def _mean_of_large_resamples(
+    ordered: np.ndarray, rng: np.random.Generator, samples: int
+) -> np.ndarray:
+    """Bootstrap means of many distinct returns, exact where heavy tails matter.
+
+    A resample's mean is lumpy and skewed when a few extreme returns weigh on it
+    (how many times the largest is drawn: 0, 1, 2, ...), which a normal
+    approximation misses by far (a Pareto 1.5 sample whose largest return is a
+    third of the sum). So the ``EXACT_TAIL`` smallest and largest returns are
+    drawn one by one, as a full bootstrap draws them: the number of draws that
+    land among them is binomial, and each draw picks one of them uniformly. Only
+    the sum of the draws that land in the bulk between them, bounded values of
+    which there are many draws, is drawn from its normal distribution (mean and
+    variance of that many draws from the bulk). Cost: about ``samples * 2 *
+    EXACT_TAIL`` draws, whatever the number of episodes.
+    """
+    n = len(ordered)
+    tails = np.concatenate([ordered[:EXACT_TAIL], ordered[n - EXACT_TAIL :]])
+    bulk = ordered[EXACT_TAIL : n - EXACT_TAIL]
+    in_bulk = rng.binomial(n, len(bulk) / n, size=samples)
+    in_tails = n - in_bulk
+    draws = tails[rng.integers(0, len(tails), size=int(in_tails.sum()))]
+    tail_sums = np.bincount(
+        np.repeat(np.arange(samples), in_tails), weights=draws, minlength=samples
+    )
+    bulk_sums = rng.normal(in_bulk * bulk.mean(), np.sqrt(in_bulk * bulk.var()))
+    return (tail_sums + bulk_sums) / n
+
+
 MEAN = Statistic(
     "mean",
     of_sorted_rows=lambda rows: rows.mean(axis=1),
     of_counts=lambda values, counts, n: counts @ values / n,
     with_standard_error=_mean_with_se,
+    of_large_resamples=_mean_of_large_resamples,
 )
 IQM = Statistic(
     "iqm",
@@ -86,8 +123,8 @@ IQM = Statistic(
     with_standard_error=_iqm_with_se,
 )
 
-# Up to this many episodes, or this many distinct returns, an interval is bootstrapped;
-# beyond both it is the normal-theory interval the bootstrap converges to (see bootstrap_ci).
+# Up to this many episodes, or this many distinct returns, an interval is bootstrapped
+# exactly; beyond both, in large-sample forms (see bootstrap_ci).
 EXACT_LIMIT = 2048
 
 
@@ -109,10 +146,12 @@ def bootstrap_ci(
     * else, up to ``EXACT_LIMIT`` distinct returns (integer scores, capped
       episodes), how often each distinct value is drawn: a multinomial count per
       value, the same resampling distribution at ``samples * distinct`` cost;
-    * else (more episodes and more distinct returns than that), the
-      normal-theory interval with the plug-in standard error (the Winsorized one
-      for the IQM), which the percentile bootstrap converges to: at 2048
-      episodes they differ by less than the bootstrap's own Monte-Carlo noise.
+    * else (more episodes and more distinct returns than that), for the mean,
+      resamples whose ``EXACT_TAIL`` extreme returns at each end are drawn one by
+      one and whose bulk's sum is drawn from its normal distribution
+      (``_mean_of_large_resamples``): heavy tails stay exact; for the IQM, which
+      trims the tails, the normal-theory interval with the Winsorized standard
+      error (Tukey and McLaughlin), which the percentile bootstrap converges to.
     """
     n = len(values)
     if n < 2:
@@ -126,12 +165,15 @@ def bootstrap_ci(
         estimates = statistic.of_sorted_rows(ordered[draws])
     else:
         distinct, counts = np.unique(ordered, return_counts=True)
-        if len(distinct) > EXACT_LIMIT:
+        if len(distinct) <= EXACT_LIMIT:
+            resampled = rng.multinomial(n, counts / n, size=samples)
+            estimates = statistic.of_counts(distinct, resampled, n)
+        elif statistic.of_large_resamples is not None:
+            estimates = statistic.of_large_resamples(ordered, rng, samples)
+        else:
             estimate, se = statistic.with_standard_error(ordered)
             z = NormalDist().inv_cdf(1 - alpha)
             return estimate - z * se, estimate + z * se
-        resampled = rng.multinomial(n, counts / n, size=samples)
-        estimates = statistic.of_counts(distinct, resampled, n)
     low, high = np.quantile(estimates, [alpha, 1 - alpha])
     return float(low), float(high)
 
@@ -310,8 +352,7 @@ def compare_results(
 
 
 def _resampled_means(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``BOOTSTRAP_SAMPLES`` bootstrap means of ``values``, in the forms of ``bootstrap_ci``
-    (past both limits, draws from the normal distribution the bootstrap converges to)."""
+    """``BOOTSTRAP_SAMPLES`` bootstrap means of ``values``, in the forms of ``bootstrap_ci``."""
     n = len(values)
     if n <= EXACT_LIMIT:
         return values[rng.integers(0, n, (BOOTSTRAP_SAMPLES, n))].mean(axis=1)
@@ -319,8 +360,7 @@ def _resampled_means(values: np.ndarray, rng: np.random.Generator) -> np.ndarray
     if len(distinct) <= EXACT_LIMIT:
         resampled = rng.multinomial(n, counts / n, size=BOOTSTRAP_SAMPLES)
         return MEAN.of_counts(distinct, resampled, n)
-    mean, se = MEAN.with_standard_error(values)
-    return rng.normal(mean, se, BOOTSTRAP_SAMPLES)
+    return MEAN.of_large_resamples(np.sort(values), rng, BOOTSTRAP_SAMPLES)
 
 
 def _returns_of(x, name: str) -> np.ndarray:

@@ -71,18 +71,45 @@ def _has_array_observations(env: gym.Env) -> bool:
 
 
 def observation_dtype(space: gym.spaces.Box, policy) -> np.dtype:
-    """The dtype the fast path hands observations to ``policy`` in.
+    """The dtype of the fast path's observation buffer for ``policy``.
 
     Floating observations take the dtype of the policy's floating parameters, as
     TorchRL's ``DoubleToFloat`` would do for a float32 policy on a float64 env
     (MuJoCo's): the loop's observation buffer has that dtype, so each step's
-    observations are cast as they are stored, at no extra cost. Other
-    observations, and policies without parameters, keep the env's dtype.
+    observations are cast as they are stored, at no extra cost. numpy has no
+    bfloat16: for a bfloat16 policy the buffer is float32, and ``to_policy_dtype``
+    casts the batch in torch. Other observations, and policies without
+    parameters, keep the env's dtype.
     """
     dtype = parameter_dtype(policy)
     if dtype is None or not np.issubdtype(space.dtype, np.floating):
         return space.dtype
-    return torch.empty(0, dtype=dtype).numpy().dtype
+    return _numpy_dtype(dtype)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """numpy's equivalent of a floating torch dtype; float32 for those numpy lacks."""
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:  # bfloat16
+        return np.dtype(np.float32)
+
+
+def to_policy_dtype(policy) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Casts a floating observation batch to the policy's dtype (bfloat16, float16, ...)."""
+    dtype = parameter_dtype(policy)
+
+    def cast(obs: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and obs.is_floating_point() and obs.dtype != dtype:
+            return obs.to(dtype)
+        return obs
+
+    return cast
+
+
+def to_numpy_ready(actions: torch.Tensor) -> torch.Tensor:
+    """Actions numpy can take: bfloat16 ones become float32 (numpy has no bfloat16)."""
+    return actions.float() if actions.dtype == torch.bfloat16 else actions
 
 
 def gym_action_adapter(
@@ -202,9 +229,10 @@ def make_rollout(
         adapt = gym_action_adapter(
             gym_env.action_space, gym_env.spec.id if gym_env.spec else callable_name(factory)
         )
+        cast = to_policy_dtype(policy)
 
         def act(obs: np.ndarray):
-            return adapt(to_action(torch.from_numpy(obs).to(device)).cpu())
+            return adapt(to_numpy_ready(to_action(cast(torch.from_numpy(obs).to(device))).cpu()))
 
         return GymnasiumRollout(
             make_gym_env,
@@ -224,8 +252,22 @@ def make_rollout(
         policy, first_env.action_key, obs_keys[0] if len(obs_keys) == 1 else None
     )
 
+    policy_dtype = parameter_dtype(policy)
+    obs_dtypes = {spec.dtype for spec in first_env.observation_spec.values(True, True)}
+    # Floating observations in another dtype than the policy's (a bfloat16 policy): cast.
+    cast = None
+    if policy_dtype is not None and any(
+        d.is_floating_point and d != policy_dtype for d in obs_dtypes
+    ):
+        cast = to_policy_dtype(policy)
+    action_dtype = first_env.full_action_spec[first_env.action_key].dtype
+
     def act_td(td):
-        return to_action(td.to(device)).cpu()
+        td = td.to(device)
+        actions = to_action(td if cast is None else td.apply(cast)).cpu()
+        if actions.is_floating_point() and action_dtype.is_floating_point:
+            actions = actions.to(action_dtype)  # a bfloat16 policy's actions, for the env
+        return actions
 
     return TorchRLRollout(
         factory,
@@ -329,16 +371,17 @@ def vector_rollout(
     """The loop for a native vector env: one policy call per step on the whole batch."""
     to_action = observation_to_action(policy)
     adapt = gym_action_adapter(spaces.action_space, spaces.name, as_array=True)
+    cast = to_policy_dtype(policy)
 
     if device.type == "cpu":
 
         def act(obs: np.ndarray) -> np.ndarray:
-            return adapt(to_action(torch.from_numpy(obs)))
+            return adapt(to_numpy_ready(to_action(cast(torch.from_numpy(obs)))))
 
     else:
 
         def act(obs: np.ndarray) -> np.ndarray:
-            return adapt(to_action(torch.from_numpy(obs).to(device)).cpu())
+            return adapt(to_numpy_ready(to_action(cast(torch.from_numpy(obs).to(device))).cpu()))
 
     source = spaces.source
     applied = source.applies_max_steps and max_steps is not None
