@@ -210,7 +210,7 @@ class Evaluator:
             self._closed = True
         self._delivery.close()
         self._backend.shutdown(timeout)
-        self._delivery.close(timeout=min(timeout, 2.0))
+        self._delivery.join(min(timeout, 2.0))
 
     def _abandon(self) -> None:
         """Stop without waiting or starting anything: for finalizers and interpreter exit."""

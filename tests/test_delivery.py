@@ -1,0 +1,138 @@
+"""Delivery that cannot die: bad metrics, callbacks that raise anything, trigger_eval
+from inside on_result under every busy_policy, and handles that settle at shutdown.
+
+Every call that could hang runs through ``within``, so a regression fails the test
+in seconds instead of wedging the suite.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from ray_eval import Evaluator
+from tests import torchrl_parts as parts
+from tests.checks import small_policy
+from tests.envs import SeedLengthEnv, take_fault
+
+
+def within(seconds: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, failing the test if it has not returned after ``seconds``."""
+    box: dict = {}
+
+    def call():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as error:  # handed to the test's thread
+            box["error"] = error
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} still blocked after {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+# -- 1. a metric that is not a number ---------------------------------------------------------
+
+JUNK = {
+    "a string": "v1",
+    "None": None,
+    "several numbers": np.arange(3.0),
+    "a complex number": 1j,
+    "a dict": {"a": 1.0},
+    "a 2-element tensor": torch.ones(2),
+}
+
+
+def junk_once(episodes, *, marker: str, junk):
+    """An ``episode_metrics_fn`` that returns ``junk`` the first time only (across processes)."""
+    return {"tag": junk if take_fault(marker) else 1.5, "episodes": len(episodes.returns)}
+
+
+def trajectories_junk_once(td, *, marker: str, junk):
+    """TorchRL's ``metrics_fn`` shape: a dict from the trajectories TensorDict."""
+    return {"tag": junk if take_fault(marker) else torch.tensor(2.5), "steps": td.numel()}
+
+
+@pytest.mark.parametrize("junk", list(JUNK), ids=list(JUNK))
+def test_a_junk_episode_metric_is_that_requests_error_and_the_evaluator_stays_usable(
+    tmp_path, junk
+):
+    seen = []
+    with Evaluator(
+        SeedLengthEnv,
+        small_policy(),
+        num_workers=0,
+        num_trajectories=2,
+        busy_policy="error",
+        on_result=lambda td: seen.append({k: v.item() for k, v in td.items()}),
+        episode_metrics_fn=functools.partial(
+            junk_once, marker=str(tmp_path / "junk"), junk=JUNK[junk]
+        ),
+    ) as ev:
+        with pytest.raises(TypeError, match=r"episode_metrics_fn returned .* for metric 'tag'"):
+            within(30, ev.evaluate, step=1)
+        assert not ev.pending  # delivered, not wedged
+        ev.trigger_eval(step=2)  # no EvaluatorBusyError: nothing is pending
+        result = within(30, ev.wait, 30)
+    assert result["eval/tag"] == 1.5 and result["eval/episodes"] == 2
+    assert [s["eval/step"] for s in seen] == [2]  # on_result saw the good one only
+
+
+def test_a_junk_torchrl_metric_fails_its_async_request_on_ray_and_the_next_one_works(
+    ray_local, tmp_path
+):
+    seen = []
+    with Evaluator(
+        parts.env_var_pendulum,
+        parts.pendulum_policy(),
+        num_workers=1,
+        num_trajectories=2,
+        max_steps=5,
+        busy_policy="queue",
+        on_result=lambda td: seen.append(td["eval/tag"].item()),
+        metrics_fn=functools.partial(
+            trajectories_junk_once, marker=str(tmp_path / "junk"), junk="v1"
+        ),
+    ) as ev:
+        ev.trigger_eval(step=0)
+        ev.trigger_eval(step=1)
+        with pytest.raises(TypeError, match=r"metrics_fn returned 'v1' \(str\) for metric 'tag'"):
+            within(60, ev.wait, 60)
+        result = within(60, ev.wait, 60)
+        assert not ev.pending
+    assert result["eval/step"] == 1 and result["eval/tag"] == 2.5 and result["eval/steps"] == 10
+    assert isinstance(result["eval/tag"], float) and seen == [2.5]
+
+
+class Abort(BaseException):
+    """Not an ``Exception``: what a callback may raise that ``except Exception`` misses."""
+
+
+def test_an_on_result_raising_a_base_exception_still_delivers_every_result():
+    calls = []
+
+    def callback(td):
+        calls.append(int(td["eval/step"].item()))
+        raise Abort("the callback gave up")
+
+    with Evaluator(
+        SeedLengthEnv,
+        small_policy(),
+        num_workers=0,
+        num_trajectories=2,
+        busy_policy="queue",
+        on_result=callback,
+    ) as ev:
+        first = within(30, ev.evaluate, step=0)
+        ev.trigger_eval(step=1)
+        second = within(30, ev.wait, 30)
+        assert not ev.pending
+    assert first["eval/step"] == 0 and second["eval/step"] == 1 and calls == [0, 1]
