@@ -135,7 +135,7 @@ class Delivery:
         done: it no longer counts.
         """
         with self._lock:
-            return bool(self._queue) or self._current is not None
+            return bool(self._queue) or (self._current is not None and not self._publishing)
 
     @property
     def unread(self) -> int:

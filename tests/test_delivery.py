@@ -136,3 +136,42 @@ def test_an_on_result_raising_a_base_exception_still_delivers_every_result():
         second = within(30, ev.wait, 30)
         assert not ev.pending
     assert first["eval/step"] == 0 and second["eval/step"] == 1 and calls == [0, 1]
+
+
+# -- 2. trigger_eval from inside on_result -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "busy_policy, num_workers",
+    [("error", 0), ("skip", 0), ("queue", 0), ("latest", 0), ("error", 1)],
+)
+def test_trigger_eval_from_on_result_is_accepted_under_every_busy_policy(
+    request, busy_policy, num_workers
+):
+    """The README's advice: a callback that asks for the next evaluation itself."""
+    if num_workers:
+        request.getfixturevalue("ray_local")
+    handles, errors = [], []
+
+    def callback(td):
+        step = int(td["eval/step"].item())
+        if step < 2:
+            try:
+                handles.append(ev.trigger_eval(step=step + 1))
+            except Exception as error:
+                errors.append(error)
+
+    ev = Evaluator(
+        SeedLengthEnv,
+        small_policy(),
+        num_workers=num_workers,
+        num_trajectories=2,
+        busy_policy=busy_policy,
+        on_result=callback,
+    )
+    with ev:
+        first = within(60, ev.evaluate, step=0)
+        results = [within(60, ev.wait, 60) for _ in range(2)]
+        assert within(5, ev.wait, 1) is None and not ev.pending
+    assert errors == [] and all(h is not None for h in handles) and len(handles) == 2
+    assert [first["eval/step"], *(r["eval/step"] for r in results)] == [0, 1, 2]
