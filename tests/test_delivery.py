@@ -7,16 +7,21 @@ in seconds instead of wedging the suite.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import threading
+import time
+from concurrent.futures import CancelledError
 
 import numpy as np
 import pytest
+import ray
 import torch
+from ray.exceptions import RayActorError, TaskCancelledError
 
 from ray_eval import Evaluator
 from tests import torchrl_parts as parts
-from tests.checks import small_policy
+from tests.checks import small_policy, wait_no_evaluator_threads
 from tests.envs import SeedLengthEnv, take_fault
 
 
@@ -175,3 +180,48 @@ def test_trigger_eval_from_on_result_is_accepted_under_every_busy_policy(
         assert within(5, ev.wait, 1) is None and not ev.pending
     assert errors == [] and all(h is not None for h in handles) and len(handles) == 2
     assert [first["eval/step"], *(r["eval/step"] for r in results)] == [0, 1, 2]
+
+
+# -- 3. every handle settles at shutdown -------------------------------------------------------
+
+
+def test_shutdown_cancels_every_queued_and_running_future_in_process():
+    ev = Evaluator(
+        functools.partial(SeedLengthEnv, step_sleep=0.02),
+        small_policy(),
+        num_workers=0,
+        num_trajectories=4,
+        envs_per_worker=1,
+        busy_policy="queue",
+    )
+    futures = [ev.trigger_eval(step=s) for s in range(3)]
+    time.sleep(0.2)  # the first is running, the others wait their turn
+    assert not any(f.done() for f in futures)
+    ev.shutdown()
+    _, not_done = within(10, concurrent.futures.wait, futures, timeout=5)
+    assert not not_done
+    for future in futures:
+        with pytest.raises(CancelledError):
+            within(5, future.result)  # no timeout: it must not hang
+    assert not wait_no_evaluator_threads(timeout=15)
+
+
+def test_shutdown_settles_every_queued_and_running_ref_on_ray(ray_local):
+    ev = Evaluator(
+        functools.partial(SeedLengthEnv, step_sleep=0.02),
+        small_policy(),
+        num_workers=1,
+        num_trajectories=4,
+        envs_per_worker=1,
+        busy_policy="queue",
+    )
+    refs = [ev.trigger_eval(step=s) for s in range(3)]
+    time.sleep(0.5)
+    assert not ray.wait(refs, num_returns=1, timeout=0)[0]  # none finished yet
+    ev.shutdown()
+    ready, _ = within(20, ray.wait, refs, num_returns=3, timeout=15)
+    assert len(ready) == 3
+    for ref in refs:
+        with pytest.raises((TaskCancelledError, RayActorError)):
+            within(10, ray.get, ref)
+    assert not wait_no_evaluator_threads(timeout=15)
