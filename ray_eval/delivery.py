@@ -1,9 +1,10 @@
 """Results come back here: one queue of requests, one thread, in request order.
 
 ``Delivery`` owns every piece of state about requests between the façade and
-the backend, in four fields behind one lock:
+the backend, in five fields behind one lock:
 
-* ``_queue``: requests accepted and not yet delivered, oldest first;
+* ``_queue``: requests accepted and not yet taken by the thread, oldest first;
+* ``_current``: the request the thread is waiting for or publishing;
 * ``_unread``: async results (or errors) delivered and not yet read by
   ``poll``/``wait``, at most ``max_unread`` of them (the oldest is dropped,
   counted in ``dropped``, with one warning);
@@ -17,10 +18,18 @@ waiting for it. So every result, sync or async, takes the same path, one at a
 time, in request order, and ``poll(timeout)``/``wait(timeout)`` never wait
 longer than asked (a slow ``on_result`` delays results, not the caller). A
 request whose handle was cancelled is dropped: nothing is delivered for it.
+
+The thread cannot lose a request: each one it takes is handed over in a
+``finally``, with its result, or with whatever was raised while waiting for it,
+so nothing the backend or a callback raises leaves an ``evaluate`` waiting or
+the evaluator busy. While its result is being published (``on_result``), a
+request no longer counts as pending: ``trigger_eval`` from ``on_result`` is
+accepted under every ``busy_policy``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -61,17 +70,18 @@ class Publisher:
         if result.episodes is not None and result.episodes.frames:
             try:
                 result.videos = publish_videos(result, prefix=self._prefix, **self._video)
-            except Exception:
+            except BaseException:
                 log.exception("writing the evaluation's videos failed; the result is kept")
         if self._on_result is None:
             return
-        import torch
-        from tensordict import TensorDict
-
-        flat = TensorDict({k: torch.as_tensor(v) for k, v in result.items()}, batch_size=[])
         try:
+            import torch
+            from tensordict import TensorDict
+
+            # Every value is a plain number: results are checked where they are made.
+            flat = TensorDict({k: torch.as_tensor(v) for k, v in result.items()}, batch_size=[])
             self._on_result(flat)
-        except Exception:
+        except BaseException:  # whatever it raises, the result is delivered
             log.exception("on_result callback raised; the result is kept")
 
 
@@ -107,6 +117,8 @@ class Delivery:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._queue: deque[Request] = deque()
+        self._current: Request | None = None
+        self._publishing = False  # _current's result is being published: not pending
         self._unread: deque[EvalResult | BaseException] = deque()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -117,9 +129,13 @@ class Delivery:
 
     @property
     def busy(self) -> bool:
-        """True while a request is accepted and its outcome not yet delivered."""
+        """True while a request is accepted and its outcome not yet delivered.
+
+        The request whose result is being published (``on_result`` runs) is
+        done: it no longer counts.
+        """
         with self._lock:
-            return bool(self._queue)
+            return bool(self._queue) or (self._current is not None and not self._publishing)
 
     @property
     def unread(self) -> int:
@@ -138,9 +154,13 @@ class Delivery:
                 )
                 self._thread.start()
 
+    def on_delivery_thread(self) -> bool:
+        """True when called from the delivery thread (from ``on_result``)."""
+        return threading.current_thread() is self._thread
+
     def check_can_wait(self) -> None:
         """Raise if the caller is the delivery thread (``on_result``): it would wait for itself."""
-        if threading.current_thread() is self._thread:
+        if self.on_delivery_thread():
             raise RuntimeError(
                 "evaluate() cannot be called from on_result (it would wait for itself); "
                 "use trigger_eval() there"
@@ -162,11 +182,15 @@ class Delivery:
 
         ``None`` when none arrives in time, or when none can arrive (no async
         request pending, or closed). A failed evaluation raises its error here.
+        From ``on_result`` this never waits: the delivery thread, which would
+        deliver what it waits for, is the one waiting.
         """
+        if self.on_delivery_thread():
+            timeout = 0
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while not self._unread:
-                if self._closed or not any(not r.sync for r in self._queue):
+                if self._closed or not self._async_pending():
                     return None
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -177,68 +201,102 @@ class Delivery:
             raise item
         return item
 
-    def close(self, timeout: float = 0.0) -> None:
-        """Deliver nothing more; wake every waiter. Joins the thread up to ``timeout`` s."""
+    def _async_pending(self) -> bool:
+        current = self._current is not None and not self._current.sync
+        return current or any(not r.sync for r in self._queue)
+
+    def close(self) -> list[Request]:
+        """Deliver nothing more; wake every waiter. Returns the requests left pending
+        (their handles are the backend's to cancel), once: later calls return ``[]``."""
         with self._changed:
+            if self._closed:
+                return []
             self._closed = True
-            pending, self._queue = self._queue, deque()
+            pending = ([self._current] if self._current is not None else []) + list(self._queue)
+            self._queue.clear()
             self._unread.clear()
-            thread = self._thread
             self._changed.notify_all()
         for request in pending:
             request.delivered.set()  # an evaluate() still waiting is told it was shut down
-        if timeout > 0 and thread is not None and thread is not threading.current_thread():
+        return pending
+
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the delivery thread to end (after ``close``)."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
     # -- the delivery thread --------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                if self._closed or not self._queue:
-                    self._thread = None
-                    return
-                head = self._queue[0]
-            try:
-                if not self._backend.ready([head.handle], 0.2):
-                    continue
-                item = self._backend.result(head.handle)
-            except EvaluationCancelled:
-                item = _NOTHING
-                self._backend.skip(head.seq)  # in case it never reached the pool
-            except BaseException as error:
+        try:
+            while True:
                 with self._lock:
-                    if self._closed:  # e.g. Ray was shut down under us
-                        self._thread = None
+                    if self._closed or not self._queue:
+                        self._thread = None  # with the check: add() starts a new one
                         return
-                item = error
-            if item is None:  # replaced by a newer request (busy_policy="latest")
-                item = _NOTHING
-            if isinstance(item, EvalResult):
-                self._publish(item)  # videos, then on_result: before anyone sees it
-            self._hand_over(head, item)
+                    head = self._current = self._queue.popleft()
+                    self._publishing = False
+                self._deliver(head)
+        finally:  # an exit by exception still lets add() start a new thread
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+
+    def _deliver(self, head: Request) -> None:
+        """Wait for ``head``'s outcome and hand it over, whatever is raised on the way."""
+        outcome: Any = _NOTHING
+        try:
+            outcome = self._outcome(head)
+        except BaseException as error:  # the request's error, never the thread's end
+            outcome = error
+        finally:
+            self._hand_over(head, outcome)
+
+    def _outcome(self, head: Request) -> Any:
+        """``head``'s result (published), its error raised, or ``_NOTHING``."""
+        while not self._backend.ready([head.handle], 0.2):
+            if self._closed:
+                return _NOTHING
+        try:
+            item = self._backend.result(head.handle)
+        except EvaluationCancelled:
+            with contextlib.suppress(Exception):
+                self._backend.skip(head.seq)  # in case it never reached the pool
+            return _NOTHING
+        if not isinstance(item, EvalResult):
+            return _NOTHING  # None: replaced by a newer request (busy_policy="latest")
+        with self._lock:
+            self._publishing = True
+        try:
+            self._publish(item)  # videos, then on_result: before anyone sees it
+        except BaseException:
+            log.exception("publishing the result failed; the result is kept")
+        return item
 
     def _hand_over(self, head: Request, item: Any) -> None:
         with self._changed:
-            if self._closed or not self._queue or self._queue[0] is not head:
-                return
-            self._queue.popleft()
-            if isinstance(item, EvalResult):
-                self.last_result = item
-            if head.sync:
-                head.outcome = item
-            elif item is not _NOTHING:
-                self._unread.append(item)
-                if self._max_unread is not None and len(self._unread) > self._max_unread:
-                    self._unread.popleft()
-                    self.dropped += 1
-                    if self.dropped == 1:
-                        log.warning(
-                            "more than %d async results were never read (poll/wait): the "
-                            "oldest are dropped from now on (counted in "
-                            "Evaluator.dropped_results; on_result still sees every one). "
-                            "Pass max_unread_results=None to keep them all.",
-                            self._max_unread,
-                        )
+            self._current, self._publishing = None, False
+            if not self._closed:  # else close() told every waiter already
+                self._deliver_locked(head, item)
             self._changed.notify_all()
         head.delivered.set()
+
+    def _deliver_locked(self, head: Request, item: Any) -> None:
+        if isinstance(item, EvalResult):
+            self.last_result = item
+        if head.sync:
+            head.outcome = item
+        elif item is not _NOTHING:
+            self._unread.append(item)
+            if self._max_unread is not None and len(self._unread) > self._max_unread:
+                self._unread.popleft()
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning(
+                        "more than %d async results were never read (poll/wait): the "
+                        "oldest are dropped from now on (counted in "
+                        "Evaluator.dropped_results; on_result still sees every one). "
+                        "Pass max_unread_results=None to keep them all.",
+                        self._max_unread,
+                    )

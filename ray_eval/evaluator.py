@@ -203,22 +203,28 @@ class Evaluator:
     # -- lifecycle and state -------------------------------------------------------------
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the workers; pending and unread results are dropped. Idempotent."""
+        """Stop the workers; pending and unread results are dropped. Idempotent.
+
+        Every handle still pending settles: an in-process ``Future`` is cancelled,
+        a ``ray.ObjectRef`` is cancelled (``TaskCancelledError``; ``RayActorError``
+        if the pool's end comes first), and an ``evaluate`` waiting in another
+        thread raises.
+        """
         with self._submit_lock:
             if self._closed:
                 return
             self._closed = True
-        self._delivery.close()
-        self._backend.shutdown(timeout)
-        self._delivery.close(timeout=min(timeout, 2.0))
+        pending = self._delivery.close()
+        self._backend.shutdown(timeout, [request.handle for request in pending])
+        self._delivery.join(min(timeout, 2.0))
 
     def _abandon(self) -> None:
         """Stop without waiting or starting anything: for finalizers and interpreter exit."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        self._delivery.close()
-        self._backend.abandon()
+        pending = self._delivery.close()
+        self._backend.abandon([request.handle for request in pending])
 
     def __enter__(self) -> Evaluator:
         return self

@@ -17,7 +17,12 @@ from typing import Any
 import numpy as np
 
 from ray_eval.results.episodes import EpisodeData
-from ray_eval.results.metrics import EvalResult, aggregate, unreported_info_keys
+from ray_eval.results.metrics import (
+    EvalResult,
+    aggregate,
+    custom_metrics,
+    unreported_info_keys,
+)
 from ray_eval.rollout.chunk import Chunk
 
 
@@ -181,7 +186,7 @@ class EvaluationPlan:
                 batches, key=lambda b: (list(self.members).index(b.member), b.indices[0])
             )
             custom = self.metrics_fn(trajectories(batches, self.traj_format))
-            metrics.update({f"{self.prefix}/{k}": v for k, v in dict(custom).items()})
+            metrics.update(custom_metrics(custom, self.prefix, "metrics_fn"))
         return EvalResult(metrics, episodes)
 
     def _warn_unreported(self, episodes: EpisodeData) -> None:

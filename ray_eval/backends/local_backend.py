@@ -17,6 +17,8 @@ import copy
 import queue
 import threading
 import time
+import weakref
+from collections.abc import Sequence
 from concurrent.futures import CancelledError, Future
 
 import torch
@@ -44,6 +46,7 @@ class LocalBackend:
         self._order = RequestOrder()
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # settles each future once: runner or watchdog
+        self._taken: weakref.WeakSet[Future] = weakref.WeakSet()  # see take()
         self._closed = False
         self._runner = _Runner(self, worker)
 
@@ -81,6 +84,16 @@ class LocalBackend:
     def skip(self, seq: int) -> None:
         """Nothing to do: a cancelled future is passed over by the runner."""
 
+    def take(self, future: Future) -> bool:
+        """``future.set_running_or_notify_cancel()``, once, whoever asks first (the
+        runner, or ``shutdown``): True if it is now running, False if it was cancelled
+        (everything waiting on it, ``concurrent.futures.wait`` included, is told)."""
+        with self._lock:
+            if future in self._taken:
+                return False
+            self._taken.add(future)
+            return future.set_running_or_notify_cancel()
+
     def settle(self, future: Future, *, result=None, error: BaseException | None = None) -> bool:
         """Set ``future``'s outcome unless it has one already; True if this call set it."""
         with self._lock:
@@ -102,11 +115,21 @@ class LocalBackend:
             runner.abandoned = True
             self._runner = _Runner(self, None)
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the runner; it closes its envs once it is not stepping them."""
+    def shutdown(self, timeout: float = 10.0, handles: Sequence[Future] = ()) -> None:
+        """Stop the runner; it closes its envs once it is not stepping them.
+
+        Every pending future in ``handles`` settles: a queued one is cancelled, the
+        running one fails with ``CancelledError`` (its result, if the rollout ever
+        ends, is dropped). ``result()`` raises ``CancelledError`` for each.
+        """
         self._closed = True
         self._runner.abandoned = True
         self._requests.put(None)  # wakes the runner
+        for future in handles:
+            future.cancel()  # a queued one is cancelled,
+            self.take(future)  # and everything waiting on it told;
+            # the running one fails, with the same error a cancelled one raises.
+            self.settle(future, error=CancelledError("the Evaluator was shut down"))
 
     abandon = shutdown
 
@@ -134,7 +157,7 @@ class _Runner:
                         backend._requests.put(item)  # for the runner that replaced this one
                     break
                 request, payload, future = item
-                if future.set_running_or_notify_cancel():
+                if backend.take(future):  # False: cancelled (its waiters are told)
                     self._run(request, payload, future)
         finally:
             if self.worker is not None:
@@ -163,7 +186,11 @@ class _Runner:
             loads, loaded_bytes = worker.weights_loads, worker.weights_loaded_bytes
             worker.load_weights(weights, identity=("local", request.seq))
             worker.load_env_state(env_state)
-            batches = [worker.run(chunk) for chunk in plan.chunks(request.step, 1)]
+            batches = []
+            for chunk in plan.chunks(request.step, 1):
+                if future.done():  # cancelled (or timed out) meanwhile: stop here
+                    return
+                batches.append(worker.run(chunk))
             batches[0].weights_loads = worker.weights_loads - loads
             batches[0].weights_loaded_bytes = worker.weights_loaded_bytes - loaded_bytes
             result = plan.summarize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, TaskCancelledError
@@ -141,19 +142,36 @@ class RayBackend:
         if self._pool is not None and ray.is_initialized():
             self._pool.skip.remote(seq)
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the pool and its workers (waits up to ``timeout`` for a clean stop)."""
+    def shutdown(self, timeout: float = 10.0, handles: Sequence[ray.ObjectRef] = ()) -> None:
+        """Stop the pool and its workers (waits up to ``timeout`` for a clean stop).
+
+        ``handles``, the requests still pending, are cancelled first, so that each
+        settles as cancelled (``TaskCancelledError``); one the pool's end beats
+        raises ``RayActorError``. Either way none is left waiting.
+        """
         pool, self._pool = getattr(self, "_pool", None), None
         if pool is None or not ray.is_initialized():
             return
+        if handles:
+            for ref in handles:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref)
+            with contextlib.suppress(Exception):
+                ray.wait(
+                    list(handles),
+                    num_returns=len(handles),
+                    timeout=min(timeout, 2.0),
+                    fetch_local=False,
+                )
         # Killing the pool below takes its workers with it (they share its fate).
         with contextlib.suppress(Exception):
             ray.get(pool.shutdown.remote(), timeout=timeout)
         with contextlib.suppress(Exception):
             ray.kill(pool, no_restart=True)
 
-    def abandon(self) -> None:
-        """Stop without waiting for anything (finalizers, interpreter exit)."""
+    def abandon(self, handles: Sequence[ray.ObjectRef] = ()) -> None:
+        """Stop without waiting for anything (finalizers, interpreter exit): the
+        pending ``handles`` settle with ``RayActorError`` as the pool dies."""
         pool, self._pool = getattr(self, "_pool", None), None
         if pool is not None and ray.is_initialized():
             with contextlib.suppress(Exception):

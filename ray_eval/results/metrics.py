@@ -9,7 +9,7 @@ half a second to every evaluator's start.)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -260,21 +260,51 @@ def aggregate(
         sub.pop("env_steps", None)
         result.update({f"{prefix}/{member}/{k}": v for k, v in sub.items()})
     if metrics_fn is not None:
-        for key, value in metrics_fn(episodes).items():
-            result[f"{prefix}/{key}"] = _scalar(key, value)
+        result.update(custom_metrics(metrics_fn(episodes), prefix, "episode_metrics_fn"))
     return result
 
 
-def _scalar(key: str, value) -> float | int:
-    try:
-        array = np.asarray(value)
-        if array.size != 1:
-            raise ValueError
-        return array.item()
-    except (TypeError, ValueError):
+def custom_metrics(returned, prefix: str, source: str) -> dict[str, float | int | bool]:
+    """The metrics a user's function returned, each checked and made a plain number.
+
+    ``source`` names the function in the error: a value that is not one real
+    number fails the evaluation here, where it was made, with a ``TypeError``
+    naming the key, rather than anywhere downstream (a logger, ``on_result``).
+    """
+    if not isinstance(returned, Mapping):
         raise TypeError(
-            f"episode_metrics_fn returned a non-scalar for {key!r}: {value!r}"
-        ) from None
+            f"{source} must return a dict of {{name: number}}, got {type(returned).__name__}"
+        )
+    return {
+        f"{prefix}/{key}": metric_number(value, key=key, source=source)
+        for key, value in returned.items()
+    }
+
+
+def metric_number(value, *, key: str, source: str) -> float | int | bool:
+    """``value`` as a plain Python real number (a one-element tensor or array counts as one).
+
+    Raises ``TypeError`` naming ``key`` and ``source`` for anything else: a string,
+    ``None``, a complex number, a container, several numbers.
+    """
+    number = value
+    if hasattr(value, "numel") and hasattr(value, "item"):  # a tensor, without importing torch
+        number = value.item() if value.numel() == 1 else None
+    else:
+        try:
+            array = np.asarray(value)
+        except Exception:
+            array = None
+        ok = array is not None and array.size == 1 and array.dtype.kind in "biuf"
+        number = array.item() if ok else None
+    if isinstance(number, bool | int | float):
+        return number
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    raise TypeError(
+        f"{source} returned {shown} ({type(value).__name__}) for metric {key!r}: a metric "
+        f"must be one real number (int, float, bool, or a one-element tensor or array)"
+    )
 
 
 class EvalResult(dict):
