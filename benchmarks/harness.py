@@ -163,28 +163,38 @@ class RawLoopInProcesses:
 
     ``make_run`` (picklable) builds, in each process, a raw loop over that process's
     share of the episodes. Calling the object runs every process's loop once, all
-    at the same time, and returns their env steps. On a virtual machine two vCPUs
-    are not always two whole cores (they may be hyperthreads of one, or share
-    caches and memory bandwidth), so the ceiling can sit well below 2x the
-    one-process loop; ray_eval cannot beat it.
+    at the same time, and returns their env steps. ``load`` swaps in another loop,
+    so one pair of processes (each importing torch) serves several workloads. On a
+    virtual machine two vCPUs are not always two whole cores (they may be
+    hyperthreads of one, or share caches and memory bandwidth), so the ceiling can
+    sit well below 2x the one-process loop; ray_eval cannot beat it.
     """
 
-    def __init__(self, make_run: Callable[[], Callable[[], int]], processes: int = 2) -> None:
+    def __init__(
+        self, make_run: Callable[[], Callable[[], int]] | None = None, processes: int = 2
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self._pipes = []
         self._processes = []
         for _ in range(processes):
             ours, theirs = context.Pipe()
-            process = context.Process(target=_serve_runs, args=(make_run, theirs), daemon=True)
+            process = context.Process(target=_serve_runs, args=(theirs,), daemon=True)
             process.start()
             self._pipes.append(ours)
             self._processes.append(process)
+        if make_run is not None:
+            self.load(make_run)
+
+    def load(self, make_run: Callable[[], Callable[[], int]]) -> None:
+        """Build ``make_run``'s loop in every process (and warm it up) in place of the last."""
+        for pipe in self._pipes:
+            pipe.send(("load", make_run))
         for pipe in self._pipes:
             pipe.recv()  # built and warmed up
 
     def __call__(self) -> int:
         for pipe in self._pipes:
-            pipe.send("run")
+            pipe.send(("run", None))
         return sum(pipe.recv() for pipe in self._pipes)
 
     def close(self) -> None:
@@ -196,12 +206,17 @@ class RawLoopInProcesses:
                 process.kill()
 
 
-def _serve_runs(make_run: Callable[[], Callable[[], int]], pipe) -> None:
-    run = make_run()
-    run()
-    pipe.send("ready")
-    while pipe.recv() is not None:
-        pipe.send(run())
+def _serve_runs(pipe) -> None:
+    run = None
+    while (message := pipe.recv()) is not None:
+        command, make_run = message
+        if command == "load":
+            run = None  # the last loop's envs go before the next one's are built
+            run = make_run()
+            run()
+            pipe.send("ready")
+        else:
+            pipe.send(run())
 
 
 def jsonable(obj):

@@ -372,7 +372,7 @@ QUICK = Settings(
     repeats=2,
     torchrl_repeats=1,
     worker_counts=(2,),
-    store_workers=(1, 2),
+    store_workers=(2,),  # one put shared by 2 workers shows as one object
     trigger_repeats=5,
     idle_s=1.0,
     idle_pairs=1,
@@ -383,12 +383,15 @@ QUICK = Settings(
 )
 
 
-def compare(workload: Workload, cfg: Settings, also: Callable | None = None) -> dict[str, Rate]:
+def compare(
+    workload: Workload, cfg: Settings, pair: RawLoopInProcesses, also: Callable | None = None
+) -> dict[str, Rate]:
     """Every runner on one workload, and the table of steps/s and ratios.
 
     The fast runners (ray_eval's pools, the raw loop) run interleaved; TorchRL's
-    Evaluator, at seconds a run, runs after them. ``also(evaluator, policy)`` measures
-    more on the pool of the gymnasium id.
+    Evaluator, at seconds a run, runs after them. ``pair``: the two plain processes
+    of the 2-process raw loop, loaded with this workload. ``also(evaluator, policy)``
+    measures more on the pool of the gymnasium id.
     """
     with contextlib.ExitStack() as stack:
         gym_id, policy = stack.enter_context(ray_eval_pool(workload.env_id, workload, 2))
@@ -401,8 +404,7 @@ def compare(workload: Workload, cfg: Settings, also: Callable | None = None) -> 
         # The same loop in 2 plain processes, half the episodes and copies each: what 2
         # cores really give here (two vCPUs of a virtual machine may make less than 2x).
         half = dataclasses.replace(workload, episodes=workload.episodes // 2)
-        pair = RawLoopInProcesses(functools.partial(raw_loop_for_process, half, 32))
-        stack.callback(pair.close)
+        pair.load(functools.partial(raw_loop_for_process, half, 32))
         runners[RAW_PAIR] = pair
         rates = timed(runners, cfg.repeats)
         if also is not None:
@@ -487,14 +489,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # thread backend run: on a machine shared with other work they would get a fraction of
     # a core. Every runner competes on equal terms at the same niceness.
     start_ray(args.worker_niceness, dashboard=True)  # the state API (object-store bytes)
+    pair = RawLoopInProcesses()  # the 2-process raw loop, loaded with each workload in turn
     try:
         cold: list[tuple[float, float]] = []
 
         def measure_cold_start(evaluator, policy) -> None:
             cold.extend(cold_start(evaluator, policy, cfg.idle_pairs, cfg.idle_s))
 
-        pendulum = compare(cfg.pendulum, cfg, also=measure_cold_start)
-        cartpole = compare(cfg.cartpole, cfg)
+        pendulum = compare(cfg.pendulum, cfg, pair, also=measure_cold_start)
+        cartpole = compare(cfg.cartpole, cfg, pair)
         by_workers = scaling(cfg, {2: pendulum["ray_eval, 2 workers, gymnasium id"]}, pendulum[RAW])
         plot = args.results / f"throughput{suffix}.png"
         save_plot(
@@ -518,8 +521,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["workers", "objects", "bytes"],
             [[w, len(objs), f"{sum(objs.values()):,}"] for w, objs in store.items()],
         )
-        sizes = {sum(objs.values()) for objs in store.values()}
-        print(f"  equal for {' and '.join(map(str, store))} workers: {len(sizes) == 1}")
+        counts = " and ".join(map(str, store))
+        one_put = all(len(objs) == 1 for objs in store.values())
+        print(f"  one object per evaluation for {counts} workers: {one_put}")
+        if len(store) > 1:
+            sizes = {sum(objs.values()) for objs in store.values()}
+            print(f"  equal for {counts} workers: {len(sizes) == 1}")
 
         idle = statistics.median(i for i, _ in cold)
         back = statistics.median(b for _, b in cold)
@@ -530,6 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(median of {len(cold)} pairs; load {load_average()})"
         )
     finally:
+        pair.close()
         ray.shutdown()
     results = {
         "quick": cfg.quick,

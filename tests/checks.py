@@ -9,6 +9,7 @@ import ray
 import torch
 from ray.util.state import list_actors
 from tensordict import from_module
+from tensordict.nn import TensorDictModule
 from torch import nn
 
 EVALUATOR_THREADS = ("ray-eval-results", "ray-eval-local")
@@ -71,6 +72,18 @@ def small_policy(seed: int = 0) -> nn.Module:
     """Observation (2,) -> action (1,), for ``SeedLengthEnv``."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def pendulum_policy(seed: int = 0) -> TensorDictModule:
+    """Pendulum-v1 observation (3,) -> action (1,): a 64-64 tanh MLP, fixed weights."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    return TensorDictModule(net, in_keys=["observation"], out_keys=["action"])
+
+
+# How conftest's ``pendulum_pool`` is built (with ``pendulum_policy()``): the same
+# plan in-process gives the same numbers.
+PENDULUM_POOL = dict(num_workers=2, num_trajectories=6, seed=3, envs_per_worker=4)
 
 
 def fresh_weights(policy: nn.Module, seed: int, scale: float = 0.5):

@@ -46,8 +46,11 @@ def test_quick_benchmark_prints_its_tables(tmp_path):
         assert text in out, f"{text!r} missing from the output:\n{out}"
     header = next(line for line in out.splitlines() if "runner" in line)
     assert header.split()[:5] == ["runner", "steps/s", "best", "run", "vs"]
-    # the object store holds the same bytes per evaluation for 1 and 2 workers: one put
-    assert "equal for 1 and 2 workers: True" in out
+    # one put per evaluation: 2 workers read one object of the weights' size, not a copy each
+    assert "one object per evaluation for 2 workers: True" in out
+    store_row = next(line for line in out.split("Object store per evaluation")[1].splitlines()
+                     if line.split()[:2] == ["2", "1"])  # fmt: skip
+    assert int(store_row.split()[2].replace(",", "")) >= 1_006_001 * 4
     assert (tmp_path / "throughput_quick.png").stat().st_size > 0
     assert (tmp_path / "throughput_quick.json").exists()
     assert f"plot: {tmp_path / 'throughput_quick.png'}" in out

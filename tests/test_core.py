@@ -1,11 +1,15 @@
-"""The core contract: the tutorial's API over a real Ray actor pool."""
+"""The core contract: the tutorial's API over a real Ray actor pool.
+
+Tests that only evaluate share the module's ``pendulum_pool`` (tests/conftest.py):
+one pool and two worker processes instead of one each. Tests of a busy policy, a
+callback, shutdown or another env build their own.
+"""
 
 from __future__ import annotations
 
 import functools
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from torchrl.collectors import RandomPolicy
 from torchrl.envs import GymEnv
 
 from ray_eval import EvalResult, Evaluator, EvaluatorBusyError
-from tests.checks import live_actor_ids
+from tests.checks import PENDULUM_POOL, live_actor_ids, pendulum_policy
 from tests.envs import SeedLengthEnv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,12 +36,6 @@ TUTORIAL_KEYS = [
     "eval/fps",
     "eval/step",
 ]
-
-
-def pendulum_policy(seed: int = 0) -> TensorDictModule:
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
-    return TensorDictModule(net, in_keys=["observation"], out_keys=["action"])
 
 
 def perturbed(policy: TensorDictModule, scale: float = 0.5, seed: int = 1) -> TensorDict:
@@ -84,21 +82,21 @@ def test_tutorial_runs_with_only_the_import_changed():
     assert [row.split(",")[0] for row in logged] == ["0", "1", "2"], logged
 
 
-def test_same_numbers_with_one_two_workers_and_in_process(ray_local):
+def in_process_like_the_pool(policy, **kwargs) -> Evaluator:
+    """An in-process evaluator with ``pendulum_pool``'s plan: the same numbers."""
+    return Evaluator("Pendulum-v1", policy, **{**PENDULUM_POOL, "num_workers": 0, **kwargs})
+
+
+def test_same_numbers_with_one_two_workers_and_in_process(pendulum_pool):
     policy = pendulum_policy()
     weights = perturbed(policy)
     results = {}
-    for workers in (0, 1, 2):
-        with Evaluator(
-            "Pendulum-v1",
-            policy,
-            num_workers=workers,
-            num_trajectories=6,
-            seed=3,
-            envs_per_worker=4,
-        ) as ev:
+    for workers in (0, 1):
+        with in_process_like_the_pool(policy, num_workers=workers) as ev:
             results[workers] = ev.evaluate(weights=weights, step=5)
             assert ev.num_workers == workers
+    results[2] = pendulum_pool.evaluate(weights=weights, step=5)
+    assert pendulum_pool.num_workers == 2
     for workers in (1, 2):
         assert results[workers]["eval/reward"] == results[0]["eval/reward"]
         np.testing.assert_array_equal(
@@ -109,48 +107,49 @@ def test_same_numbers_with_one_two_workers_and_in_process(ray_local):
     assert set(results[0].episodes.workers.tolist()) == {-1}
 
 
-def test_result_is_flat_scalars_with_statistics_and_episodes(ray_local):
-    with Evaluator(
-        "Pendulum-v1", pendulum_policy(), num_workers=2, num_trajectories=8, log_prefix="val"
-    ) as ev:
-        result = ev.evaluate()
+def test_result_is_flat_scalars_with_statistics_and_episodes(pendulum_pool):
+    result = pendulum_pool.evaluate(step=0)
     assert isinstance(result, EvalResult)
-    assert list(result)[:6] == [k.replace("eval/", "val/") for k in TUTORIAL_KEYS]
+    assert list(result)[:6] == TUTORIAL_KEYS
     assert all(isinstance(v, int | float) for v in result.values())
     returns = result.episodes.returns
-    assert len(returns) == 8 and sorted(result.episodes.indices.tolist()) == list(range(8))
-    assert result["val/reward"] == pytest.approx(returns.mean())
-    assert result["val/reward_std"] == pytest.approx(returns.std())
-    assert result["val/reward_min"] == returns.min() and result["val/reward_max"] == returns.max()
-    assert result["val/reward_median"] == pytest.approx(np.median(returns))
-    assert result["val/reward_ci_low"] <= result["val/reward"] <= result["val/reward_ci_high"]
-    assert result["val/episode_length"] == 200.0
-    assert result["val/fps"] == pytest.approx(1600 / result["val/wall_time"])
-    assert ev.last_episodes is result.episodes
+    assert len(returns) == 6 and sorted(result.episodes.indices.tolist()) == list(range(6))
+    assert result["eval/reward"] == pytest.approx(returns.mean())
+    assert result["eval/reward_std"] == pytest.approx(returns.std())
+    assert result["eval/reward_min"] == returns.min() and result["eval/reward_max"] == returns.max()
+    assert result["eval/reward_median"] == pytest.approx(np.median(returns))
+    assert result["eval/reward_ci_low"] <= result["eval/reward"] <= result["eval/reward_ci_high"]
+    assert result["eval/episode_length"] == 200.0
+    assert result["eval/fps"] == pytest.approx(1200 / result["eval/wall_time"])
+    assert pendulum_pool.last_episodes is result.episodes
+    # log_prefix names every key (the pool and in-process aggregate alike: planning.py)
+    with in_process_like_the_pool(pendulum_policy(), log_prefix="val") as local:
+        prefixed = local.evaluate(step=0)
+    assert list(prefixed)[:6] == [k.replace("eval/", "val/") for k in TUTORIAL_KEYS]
+    assert all(key.startswith("val/") for key in prefixed)
+    assert prefixed["val/reward"] == result["eval/reward"]
 
 
-def test_weights_as_module_or_tensordict_agree_and_new_weights_change_results(ray_local):
-    policy = pendulum_policy()
-    with Evaluator("Pendulum-v1", policy, num_workers=2, num_trajectories=4) as ev:
-        initial = ev.evaluate(step=0)["eval/reward"]
-        trained = pendulum_policy()
-        from_module(trained).data.copy_(perturbed(policy))
-        as_module = ev.evaluate(weights=trained, step=1)["eval/reward"]
-        as_td = ev.evaluate(weights=from_module(trained), step=1)["eval/reward"]
-        as_state_dict = ev.evaluate(weights=trained.state_dict(), step=1)["eval/reward"]
-        back_to_initial = ev.evaluate(step=0)["eval/reward"]
+def test_weights_as_module_or_tensordict_agree_and_new_weights_change_results(pendulum_pool):
+    policy = pendulum_policy()  # the weights pendulum_pool's policy was built with
+    ev = pendulum_pool
+    initial = ev.evaluate(step=0)["eval/reward"]
+    trained = pendulum_policy()
+    from_module(trained).data.copy_(perturbed(policy))
+    as_module = ev.evaluate(weights=trained, step=1)["eval/reward"]
+    as_td = ev.evaluate(weights=from_module(trained), step=1)["eval/reward"]
+    as_state_dict = ev.evaluate(weights=trained.state_dict(), step=1)["eval/reward"]
+    back_to_initial = ev.evaluate(step=0)["eval/reward"]
     assert as_module == as_td == as_state_dict
     assert as_module != initial  # the new weights were used
     assert back_to_initial == initial  # None means the weights the policy was built with
 
 
-def test_weights_are_put_once_and_shared_by_every_worker(ray_local):
+def test_weights_are_put_once_and_shared_by_every_worker(pendulum_pool):
     policy = pendulum_policy()
-    with Evaluator(
-        "Pendulum-v1", policy, num_workers=2, num_trajectories=8, envs_per_worker=2
-    ) as ev:
-        first = ev.evaluate(weights=policy)
-        second = ev.evaluate(weights=policy)
+    # 6 episodes, 4 env copies a worker: a chunk of 4 and one of 2, one per worker
+    first = pendulum_pool.evaluate(weights=policy)
+    second = pendulum_pool.evaluate(weights=policy)
     for result in (first, second):
         ids = set(result.episodes.weights_ids.tolist())
         assert len(ids) == 1 and "" not in ids  # one object, read by both workers
@@ -158,36 +157,28 @@ def test_weights_are_put_once_and_shared_by_every_worker(ray_local):
     assert first.episodes.weights_ids[0] != second.episodes.weights_ids[0]  # one put per evaluation
 
 
-def test_trigger_eval_returns_an_object_ref_usable_with_ray_get_and_wait(ray_local):
-    with Evaluator("Pendulum-v1", pendulum_policy(), num_workers=2, num_trajectories=2) as ev:
-        ref = ev.trigger_eval(step=7)
-        assert isinstance(ref, ray.ObjectRef)
-        mine = ray.put("user object")
-        ready, _ = ray.wait([ref, mine], num_returns=2, timeout=60)
-        assert len(ready) == 2
-        got = ray.get(ref)
-        polled = ev.poll(timeout=10)
+def test_trigger_eval_returns_an_object_ref_usable_with_ray_get_and_wait(pendulum_pool):
+    ev = pendulum_pool
+    ref = ev.trigger_eval(step=7)
+    assert isinstance(ref, ray.ObjectRef)
+    mine = ray.put("user object")
+    ready, _ = ray.wait([ref, mine], num_returns=2, timeout=60)
+    assert len(ready) == 2
+    got = ray.get(ref)
+    polled = ev.poll(timeout=10)
     assert polled == got and polled["eval/step"] == 7
 
 
-def test_queue_runs_every_request_in_order_with_its_step(ray_local):
-    seen = []
-    with Evaluator(
-        "Pendulum-v1",
-        pendulum_policy(),
-        num_workers=2,
-        num_trajectories=2,
-        busy_policy="queue",
-        on_result=lambda td: seen.append(td["eval/step"].item()),
-    ) as ev:
-        refs = [ev.trigger_eval(step=s) for s in range(10, 16)]
-        assert all(isinstance(r, ray.ObjectRef) for r in refs)
-        assert ev.pending
-        results = [ev.wait(timeout=60) for _ in refs]
-        assert ev.poll() is None and not ev.pending
+def test_queue_runs_every_request_in_order_with_its_step(pendulum_pool):
+    ev = pendulum_pool  # busy_policy="queue"; its on_result logs to ev.delivered
+    refs = [ev.trigger_eval(step=s) for s in range(10, 16)]
+    assert all(isinstance(r, ray.ObjectRef) for r in refs)
+    assert ev.pending
+    results = [ev.wait(timeout=60) for _ in refs]
+    assert ev.poll() is None and not ev.pending
     assert [r["eval/step"] for r in results] == list(range(10, 16))
     assert [ray.get(r)["eval/step"] for r in refs] == list(range(10, 16))
-    assert seen == list(range(10, 16))
+    assert [step for step, _ in ev.delivered] == list(range(10, 16))
 
 
 def test_latest_replaces_a_waiting_request(ray_local):
@@ -248,21 +239,13 @@ def test_evaluate_while_async_pending_waits_its_turn(ray_local):
         assert ev.wait(timeout=60)["eval/step"] == 1  # the async result is not lost
 
 
-def test_on_result_fires_for_async_results_without_polling(ray_local):
-    got = threading.Event()
-    received = []
-
-    def on_result(td):
-        received.append({k: v.item() for k, v in td.items()})
-        received.append(threading.current_thread().name)
-        got.set()
-
-    with Evaluator(
-        "Pendulum-v1", pendulum_policy(), num_workers=1, num_trajectories=2, on_result=on_result
-    ) as ev:
-        ev.trigger_eval(step=4)
-        assert got.wait(60)
-    assert received[0]["eval/step"] == 4 and received[1] == "ray-eval-results"
+def test_on_result_fires_for_async_results_without_polling(pendulum_pool):
+    ev = pendulum_pool  # its on_result logs (step, thread) to ev.delivered
+    ev.trigger_eval(step=4)
+    deadline = time.monotonic() + 60
+    while not ev.delivered and time.monotonic() < deadline:  # no poll, no wait
+        time.sleep(0.01)
+    assert ev.delivered == [(4, "ray-eval-results")]
 
 
 def test_on_result_that_raises_is_logged_not_fatal(ray_local, caplog):
@@ -308,41 +291,38 @@ def test_cartpole_random_policy_counts_every_episode(ray_local):
     assert result.episodes.lengths.min() >= 8 and len(set(result.episodes.lengths.tolist())) > 5
 
 
-def test_each_result_uses_exactly_its_own_weights(ray_local):
+def test_each_result_uses_exactly_its_own_weights(pendulum_pool):
     policy = pendulum_policy()
     a, b = perturbed(policy, seed=1), perturbed(policy, seed=2)
-    with Evaluator("Pendulum-v1", policy, num_workers=0, num_trajectories=3) as local:
+    with in_process_like_the_pool(policy) as local:
         expected = {
             name: local.evaluate(weights=w, step=9)["eval/reward"]
             for name, w in (("a", a), ("b", b))
         }
     assert expected["a"] != expected["b"]
-    with Evaluator(
-        "Pendulum-v1", policy, num_workers=2, num_trajectories=3, busy_policy="queue"
-    ) as ev:
-        assert ev.evaluate(weights=a, step=9)["eval/reward"] == expected["a"]
-        for _ in range(3):
-            ev.trigger_eval(weights=b, step=9)
-        for _ in range(3):
-            assert ev.wait(timeout=60)["eval/reward"] == expected["b"]
-        ev.trigger_eval(weights=a, step=9)
+    ev = pendulum_pool  # busy_policy="queue"
+    assert ev.evaluate(weights=a, step=9)["eval/reward"] == expected["a"]
+    for _ in range(3):
         ev.trigger_eval(weights=b, step=9)
-        assert [ev.wait(timeout=60)["eval/reward"] for _ in range(2)] == [
-            expected["a"],
-            expected["b"],
-        ]
+    for _ in range(3):
+        assert ev.wait(timeout=60)["eval/reward"] == expected["b"]
+    ev.trigger_eval(weights=a, step=9)
+    ev.trigger_eval(weights=b, step=9)
+    assert [ev.wait(timeout=60)["eval/reward"] for _ in range(2)] == [
+        expected["a"],
+        expected["b"],
+    ]
 
 
-def test_trainer_may_change_weights_right_after_trigger(ray_local):
-    policy = pendulum_policy()
-    with Evaluator("Pendulum-v1", policy, num_workers=0, num_trajectories=2) as local:
+def test_trainer_may_change_weights_right_after_trigger(pendulum_pool):
+    policy = pendulum_policy(seed=5)  # not the weights the pool's policy was built with
+    with in_process_like_the_pool(policy) as local:
         expected = local.evaluate(weights=policy, step=1)["eval/reward"]
-    with Evaluator("Pendulum-v1", policy, num_workers=1, num_trajectories=2) as ev:
-        ev.trigger_eval(weights=policy, step=1)
-        with torch.no_grad():
-            for p in policy.parameters():
-                p.add_(1.0)
-        assert ev.wait(timeout=60)["eval/reward"] == expected
+    pendulum_pool.trigger_eval(weights=policy, step=1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1.0)
+    assert pendulum_pool.wait(timeout=60)["eval/reward"] == expected
 
 
 def test_shutdown_leaves_no_actor_alive_and_is_idempotent(ray_local):
