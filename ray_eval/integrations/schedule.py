@@ -138,14 +138,15 @@ class EvalSchedule:
 
     def evaluate(
         self, step: int, weights: Any = None, *, weights_dict: Mapping[str, Any] | None = None
-    ) -> Delivered:
-        """Evaluate ``weights`` at ``step`` and wait for it (after any pending ones)."""
+    ) -> list[Delivered]:
+        """Evaluate ``weights`` at ``step`` and wait for it: the pending results first, then
+        this one (the last of the list)."""
         self.current_step = max(self.current_step, int(step))
-        self.drain()
+        delivered = self.drain()
         result = self.evaluator.evaluate(weights, step=int(step), weights_dict=weights_dict)
         snapshot = states_of(weights, weights_dict) if self.keep_best is not None else None
         self.triggered += 1
-        return self._deliver(result, snapshot)
+        return [*delivered, self._deliver(result, snapshot)]
 
     def collect(self) -> list[Delivered]:
         """Every result that has arrived (without waiting)."""
