@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ray_eval.checkpoints import CheckpointError, load_weights, step_of
+from ray_eval.checkpoints import CheckpointError, WithEnvParts, load_weights, step_of
 from ray_eval.config import EvalConfig
 from ray_eval.display import progress, result_line
 from ray_eval.errors import one_line
@@ -93,8 +93,11 @@ class EvalJob:
             f"evaluating {what}: {self.config.num_trajectories} episodes of {self.config.env.label}",
             tty=self._tty,
         ):
+            weights_dict = None
+            if isinstance(weights, WithEnvParts):  # saved with env parts (KeepBest's best)
+                weights, weights_dict = weights.policy, weights.env_parts
             try:
-                result = evaluator.evaluate(weights=weights, step=step)
+                result = evaluator.evaluate(weights=weights, step=step, weights_dict=weights_dict)
             except Exception as error:
                 from ray_eval.errors import WeightsMismatchError
 
