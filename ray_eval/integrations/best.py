@@ -106,6 +106,7 @@ class BestCheckpoint:
     result: dict[str, Any]
     weights: dict[str, Any]  # the policy's state dict
     weights_dict: dict[str, Any] = field(default_factory=dict)  # env parts by model id
+    source: str | None = None  # where the weights came from, if known (a checkpoint path)
 
 
 class KeepBest:
@@ -146,16 +147,24 @@ class KeepBest:
         weights: Any = None,
         *,
         weights_dict: Mapping[str, Any] | None = None,
+        source: str | None = None,
     ) -> bool:
         """Take a result and the weights it was evaluated with; save them if it is a new
         best. Returns whether it was. ``weights``/``weights_dict`` as ``Evaluator.evaluate``
-        takes them (or state dicts already copied, e.g. by ``EvalSchedule``)."""
+        takes them (or state dicts already copied, e.g. by ``EvalSchedule``). ``source``:
+        where the weights came from (a checkpoint's path), kept in the metadata."""
         if not self.is_better(result):
             return False
-        self.save(result, states_of(weights, weights_dict))
+        self.save(result, states_of(weights, weights_dict), source=source)
         return True
 
-    def save(self, result: Mapping[str, Any], states: Mapping[str, Mapping[str, Any]]) -> Path:
+    def save(
+        self,
+        result: Mapping[str, Any],
+        states: Mapping[str, Mapping[str, Any]],
+        *,
+        source: str | None = None,
+    ) -> Path:
         """Write ``states`` (``{"policy": ..., "env.transform[0]": ...}``) as the new best."""
         value = self.criterion.value(result)
         step = result_step(result, self.criterion.prefix)
@@ -167,6 +176,8 @@ class KeepBest:
             "value": _finite_or_none(value),
             "result": plain,
         }
+        if source is not None:
+            metadata["source"] = str(source)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = write_components(self.directory / f"{PREFIX}-{step:012d}", states, metadata)
         self._write_summary({**metadata, "checkpoint": path.name})
@@ -250,6 +261,7 @@ def load_best(directory: str | os.PathLike, *, with_weights: bool = True) -> Bes
         result=dict(meta.get("result") or {}),
         weights=states.pop(POLICY, {}),
         weights_dict=states,
+        source=meta.get("source"),
     )
 
 
