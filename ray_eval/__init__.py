@@ -1,7 +1,7 @@
 """ray_eval: evaluate RL policies on a pool of Ray actors, with TorchRL's Evaluator API.
 
 The names below are imported on first use: the pool actor imports
-``ray_eval.pool`` and must not pay for torch and TorchRL, which it never uses.
+``ray_eval.backends.pool`` and must not pay for torch and TorchRL, which it never uses.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "Evaluator": "ray_eval.evaluator",
-    "EvalResult": "ray_eval.metrics",
-    "EpisodeData": "ray_eval.episodes",
-    "Comparison": "ray_eval.metrics",
-    "compare_results": "ray_eval.metrics",
+    "EvalResult": "ray_eval.results.metrics",
+    "EpisodeData": "ray_eval.results.episodes",
+    "Comparison": "ray_eval.results.metrics",
+    "compare_results": "ray_eval.results.metrics",
     "RayEvalError": "ray_eval.errors",
     "ActionMismatchError": "ray_eval.errors",
     "EnvError": "ray_eval.errors",
@@ -42,7 +42,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from ray_eval.episodes import EpisodeData
     from ray_eval.errors import (
         ActionMismatchError,
         EnvError,
@@ -55,4 +54,5 @@ if TYPE_CHECKING:
         WorkerStartupError,
     )
     from ray_eval.evaluator import Evaluator
-    from ray_eval.metrics import Comparison, EvalResult, compare_results
+    from ray_eval.results.episodes import EpisodeData
+    from ray_eval.results.metrics import Comparison, EvalResult, compare_results

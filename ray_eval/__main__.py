@@ -2,7 +2,7 @@
 
 import sys
 
-from ray_eval.cli import main
+from ray_eval.jobs.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_eval.errors import EvaluationCancelled
-from ray_eval.metrics import EvalResult
-from ray_eval.video import publish_videos
+from ray_eval.results.metrics import EvalResult
+from ray_eval.results.video import publish_videos
 
 log = logging.getLogger("ray_eval")
 

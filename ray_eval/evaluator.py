@@ -18,16 +18,16 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torchrl.envs.utils import ExplorationType
 
-from ray_eval import ray_session
-from ray_eval.backends import start_backend
+from ray_eval.backend_choice import start_backend
+from ray_eval.backends import ray_session
+from ray_eval.backends.local_backend import LocalBackend
 from ray_eval.delivery import Delivery, Publisher, Request
-from ray_eval.envs import EnvLike
-from ray_eval.episodes import EpisodeData
+from ray_eval.env_input import EnvLike
 from ray_eval.errors import EvaluatorBusyError
-from ray_eval.local_backend import LocalBackend
-from ray_eval.metrics import EvalResult
 from ray_eval.options import BACKENDS, build_configs, check_arguments, check_step, env_factories
 from ray_eval.planning import EvalRequest
+from ray_eval.results.episodes import EpisodeData
+from ray_eval.results.metrics import EvalResult
 from ray_eval.torchrl_args import check_torchrl_arguments
 from ray_eval.weights import WeightsLike, payloads
 

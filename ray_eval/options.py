@@ -17,12 +17,13 @@ import torch
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType
 
-from ray_eval.env_parts import freeze_normalization
-from ray_eval.envs import as_env_factory, vector_members
+from ray_eval.backends.pool import PLACEMENT_STRATEGIES, PoolConfig
+from ray_eval.backends.worker import WorkerConfig
+from ray_eval.env_input import as_env_factory
 from ray_eval.planning import EvaluationPlan
-from ray_eval.pool import PLACEMENT_STRATEGIES, PoolConfig
-from ray_eval.video import VIDEO_FORMATS
-from ray_eval.worker import WorkerConfig
+from ray_eval.results.video import VIDEO_FORMATS
+from ray_eval.rollout.env_parts import freeze_normalization
+from ray_eval.rollout.vector_sources import vector_members
 
 BUSY_POLICIES = ("error", "skip", "queue", "latest")
 # "process" and "thread" are TorchRL's names: every Ray worker is its own process,

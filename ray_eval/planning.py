@@ -15,21 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ray_eval.episodes import EpisodeData
-from ray_eval.metrics import EvalResult, aggregate
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A contiguous run of planned episodes handed to one worker in one call."""
-
-    member: str  # suite member the episodes belong to ("" for a single env)
-    indices: np.ndarray  # episode indices within the evaluation (int64)
-    seeds: np.ndarray  # one reset seed per episode (int64, fits in uint32)
-    record: np.ndarray  # per episode: record video frames?
-
-    def __len__(self) -> int:
-        return len(self.indices)
+from ray_eval.results.episodes import EpisodeData
+from ray_eval.results.metrics import EvalResult, aggregate
+from ray_eval.rollout.chunk import Chunk
 
 
 def episode_seeds(seed: int, step: int, num_episodes: int) -> np.ndarray:
@@ -183,7 +171,7 @@ class EvaluationPlan:
             b.weights_loaded_bytes for b in batches
         )
         if self.metrics_fn is not None:
-            from ray_eval.trajectories import trajectories
+            from ray_eval.rollout.trajectories import trajectories
 
             batches = sorted(
                 batches, key=lambda b: (list(self.members).index(b.member), b.indices[0])

@@ -4,7 +4,7 @@ import pytest
 import ray
 
 # Test envs and test modules travel to the Ray workers by value, as any module that
-# is not installed does (ray_eval.pickling): the workers need no tests/ on their path.
+# is not installed does (ray_eval.backends.pickling): the workers need no tests/ on their path.
 
 NUM_CPUS = 4  # logical CPUs of the shared test instance (the CI machine has 2 cores)
 

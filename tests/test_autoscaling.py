@@ -35,7 +35,7 @@ from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE
 from ray.cluster_utils import AutoscalingCluster
 
 from ray_eval import Evaluator, ResourceUnavailableError
-from ray_eval.resources import find_autoscaler, requested_resources
+from ray_eval.backends.resources import find_autoscaler, requested_resources
 from tests.checks import small_policy
 from tests.envs import SeedLengthEnv
 from tests.procs import RayHead, env_for_subprocess

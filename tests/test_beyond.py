@@ -14,7 +14,7 @@ from torch import nn
 from torchrl.record.loggers.csv import CSVLogger
 
 from ray_eval import Evaluator, compare_results
-from ray_eval.metrics import BOOTSTRAP_SAMPLES
+from ray_eval.results.metrics import BOOTSTRAP_SAMPLES
 from tests.envs import SeedLengthEnv
 
 

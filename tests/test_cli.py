@@ -17,18 +17,18 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from ray_eval.checkpoints import (
+from ray_eval.factories import MLPPolicy
+from ray_eval.jobs.checkpoints import (
     CheckpointError,
     find_checkpoints,
     load_weights,
     step_of,
     write_metadata,
 )
-from ray_eval.cli import main
-from ray_eval.config import ConfigError, load_config
-from ray_eval.factories import MLPPolicy
-from ray_eval.plotting import curves, plot_results
-from ray_eval.results import append_result, read_results
+from ray_eval.jobs.cli import main
+from ray_eval.jobs.config import ConfigError, load_config
+from ray_eval.results.plotting import curves, plot_results
+from ray_eval.results.results_file import append_result, read_results
 from tests.procs import BIN, ROOT, env_for_subprocess
 
 PENDULUM = str(ROOT / "configs" / "pendulum.yaml")

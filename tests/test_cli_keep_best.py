@@ -12,8 +12,8 @@ from torchrl.checkpoint import Checkpoint
 
 from ray_eval.factories import MLPPolicy
 from ray_eval.integrations import load_best
-from ray_eval.plotting import best_points
-from ray_eval.results import read_results
+from ray_eval.results.plotting import best_points
+from ray_eval.results.results_file import read_results
 from tests.test_cli import PENDULUM, QUICK, pendulum_weights, run_cli
 
 STEPS = (0, 100, 200, 300)

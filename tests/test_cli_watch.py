@@ -21,8 +21,8 @@ import time
 import pytest
 import torch
 
-from ray_eval.cli import main
-from ray_eval.results import read_results
+from ray_eval.jobs.cli import main
+from ray_eval.results.results_file import read_results
 from tests.procs import ROOT, end_session, start
 from tests.test_cli import pendulum_weights
 

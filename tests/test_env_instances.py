@@ -22,7 +22,7 @@ from torchrl.envs.transforms import RewardSum, StepCounter
 from torchrl.testing.mocking_classes import ContinuousActionVecMockEnv, MockBatchedLockedEnv
 
 from ray_eval import Evaluator
-from ray_eval.envs import as_env_factory
+from ray_eval.env_input import as_env_factory
 from tests.envs import SeededCountdownEnv, SeedLengthEnv
 
 MAX_STEPS = 5  # the StepCounter limit of the batched envs' sub-envs

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_eval.results import read_results
+from ray_eval.results.results_file import read_results
 from tests.procs import BIN, ROOT, RayHead, env_for_subprocess
 
 # What the job does not need from the repository (runtime_env excludes, gitignore syntax).

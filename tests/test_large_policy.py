@@ -23,8 +23,8 @@ from ray.util.state import list_objects
 from torch import nn
 
 from ray_eval import Evaluator
+from ray_eval.backends.pool import SHARED_INITIAL_WEIGHTS_MIN_BYTES
 from ray_eval.memory import release_store_pages
-from ray_eval.pool import SHARED_INITIAL_WEIGHTS_MIN_BYTES
 from ray_eval.weights import (
     _CHUNK,
     load_payload,

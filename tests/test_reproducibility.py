@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ray_eval import Evaluator
-from ray_eval.config import load_config
+from ray_eval.jobs.config import load_config
 from tests.procs import ROOT
 
 # 300 episodes, 64 env slots per worker (the default). In-process (one "worker") the plan

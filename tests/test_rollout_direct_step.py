@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ray_eval import Evaluator
-from ray_eval.rollout import _direct_step
+from ray_eval.rollout.loops import _direct_step
 
 LIMIT = 37  # an unusual TimeLimit, so that the loop must take it from the wrapper
 

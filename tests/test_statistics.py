@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ray_eval.episodes import EpisodeData
-from ray_eval.metrics import (
+from ray_eval.results.episodes import EpisodeData
+from ray_eval.results.metrics import (
     BOOTSTRAP_SAMPLES,
     CONFIDENCE,
     EXACT_LIMIT,

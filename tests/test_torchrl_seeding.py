@@ -20,7 +20,7 @@ from torchrl.envs.transforms import StepCounter
 from torchrl.testing.mocking_classes import ContinuousActionVecMockEnv
 
 from ray_eval import Evaluator
-from ray_eval.torchrl_env import reset_takes_seed
+from ray_eval.rollout.torchrl_env import reset_takes_seed
 from tests.envs import SeededCountdownEnv
 
 

@@ -19,8 +19,8 @@ from torchrl.record import CSVLogger
 from torchrl.trainers import EarlyStopping, Trainer
 
 from ray_eval import Evaluator
-from ray_eval.checkpoints import load_weights
 from ray_eval.integrations import KeepBest, RayEvalHook, StopOnThreshold, load_best
+from ray_eval.jobs.checkpoints import load_weights
 
 FRAMES_PER_BATCH = 50
 INTERVAL = 100

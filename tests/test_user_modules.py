@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import tests.envs  # noqa: F401  (is_user_module looks at imported modules)
-from ray_eval import pickling
-from ray_eval.pickling import check_picklable, is_user_module, register_user_modules
+from ray_eval.backends import pickling
+from ray_eval.backends.pickling import check_picklable, is_user_module, register_user_modules
 
 USER_MODULE = '''
 """A user's helper module: nothing of it is installed."""
@@ -180,7 +180,7 @@ def user_modules(tmp_path):
 def test_installed_modules_and_ray_eval_are_not_shipped(user_modules):
     assert is_user_module("helper_a") and is_user_module("helper_b")
     assert is_user_module("tests.envs")  # a project folder that is not installed
-    for name in ("torch.nn", "json", "gymnasium.envs", "ray_eval.envs", "__main__"):
+    for name in ("torch.nn", "json", "gymnasium.envs", "ray_eval.rollout.adapters", "__main__"):
         assert not is_user_module(name), name  # ray_eval: an editable install
 
 

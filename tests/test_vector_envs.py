@@ -19,11 +19,11 @@ from gymnasium.vector.utils import batch_space
 from torch import nn
 
 from ray_eval import Evaluator
-from ray_eval.envs import as_env_factory
+from ray_eval.backends.worker import EvalWorker, WorkerConfig
+from ray_eval.env_input import as_env_factory
 from ray_eval.factories import MLPPolicy
 from ray_eval.planning import Chunk, episode_seed, episode_seeds, plan_chunks
-from ray_eval.vector_rollout import NEXT_STEP, SAME_STEP, chunk_seed
-from ray_eval.worker import EvalWorker, WorkerConfig
+from ray_eval.rollout.vector_loop import NEXT_STEP, SAME_STEP, chunk_seed
 
 LONG = 40  # CoinFlipVectorEnv's long episodes
 

@@ -23,8 +23,6 @@ import torch
 from torch import nn
 
 from ray_eval import Evaluator
-from ray_eval.cli import main
-from ray_eval.config import ConfigError, NatureCNNPolicyConfig, load_config
 from ray_eval.factories import (
     AtariEnv,
     MLPPolicy,
@@ -34,6 +32,8 @@ from ray_eval.factories import (
     atari_torchrl_env,
     mujoco_env,
 )
+from ray_eval.jobs.cli import main
+from ray_eval.jobs.config import ConfigError, NatureCNNPolicyConfig, load_config
 from tests.procs import BIN, ROOT, env_for_subprocess
 
 CHEETAH = "HalfCheetah-v5"

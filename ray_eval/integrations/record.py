@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ray_eval.integrations.criteria import result_step
-from ray_eval.results import append_result, read_results
+from ray_eval.results.results_file import append_result, read_results
 
 SUCCESS_KEY = "is_success"
 

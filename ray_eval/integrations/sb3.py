@@ -134,7 +134,7 @@ class EvalCallback(SB3EvalCallback):
             self._start_evaluator()
 
     def _start_evaluator(self) -> None:
-        from ray_eval import Evaluator
+        from ray_eval.evaluator import Evaluator
 
         kwargs = {
             "num_workers": self.num_workers,

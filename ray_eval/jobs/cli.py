@@ -215,7 +215,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ray-eval`` console script; returns the exit code."""
-    from ray_eval.display import interactive, setup_logging
+    from ray_eval.results.display import interactive, setup_logging
 
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -240,10 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace, tty: bool) -> int:
-    from ray_eval.config import load_config
-    from ray_eval.display import best_table, print_table, steps_table, summary_table
-    from ray_eval.results import append_result
-    from ray_eval.runner import EvalJob
+    from ray_eval.jobs.config import load_config
+    from ray_eval.jobs.runner import EvalJob
+    from ray_eval.results.display import best_table, print_table, steps_table, summary_table
+    from ray_eval.results.results_file import append_result
 
     overrides = list(args.overrides)
     if args.allow_pickle:
@@ -266,7 +266,7 @@ def _evaluate(args: argparse.Namespace, tty: bool) -> int:
         print_table(summary_table(record))
         return EXIT_OK
 
-    from ray_eval.watch import Watcher, WatchOptions
+    from ray_eval.jobs.watch import Watcher, WatchOptions
 
     options = WatchOptions(
         checkpoint_dir=args.checkpoint_dir,
@@ -299,7 +299,7 @@ def _evaluate(args: argparse.Namespace, tty: bool) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from ray_eval.plotting import plot_results
+    from ray_eval.results.plotting import plot_results
 
     best_by = None if args.best_by.lower() == "none" else args.best_by
     path = plot_results(
@@ -316,9 +316,9 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _report(error: BaseException, debug: bool) -> int:
     """Print the one-line reason and return the exit code for ``error``."""
-    from ray_eval.checkpoints import CheckpointError
-    from ray_eval.config import ConfigError
-    from ray_eval.runner import EvaluationFailed
+    from ray_eval.jobs.checkpoints import CheckpointError
+    from ray_eval.jobs.config import ConfigError
+    from ray_eval.jobs.runner import EvaluationFailed
 
     if isinstance(error, SystemExit):  # --help, or our SIGTERM handler
         code = error.code if isinstance(error.code, int) else EXIT_OK

@@ -31,7 +31,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ray_eval.checkpoints import (
+from ray_eval.integrations.best import KeepBest
+from ray_eval.integrations.criteria import DEFAULT_METRIC
+from ray_eval.integrations.stopping import StopOnThreshold
+from ray_eval.jobs.checkpoints import (
     Checkpoint,
     CheckpointError,
     WithEnvParts,
@@ -39,11 +42,8 @@ from ray_eval.checkpoints import (
     quiet_for,
     signature,
 )
-from ray_eval.integrations.best import KeepBest
-from ray_eval.integrations.criteria import DEFAULT_METRIC
-from ray_eval.integrations.stopping import StopOnThreshold
-from ray_eval.results import append_result, read_results
-from ray_eval.runner import EvalJob
+from ray_eval.jobs.runner import EvalJob
+from ray_eval.results.results_file import append_result, read_results
 
 log = logging.getLogger("ray_eval")
 STOP_FILE = "ray_eval_stop.json"

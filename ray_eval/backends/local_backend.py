@@ -21,11 +21,11 @@ from concurrent.futures import CancelledError, Future
 
 import torch
 
+from ray_eval.backends.worker import EvalWorker, WorkerConfig
 from ray_eval.errors import EvaluationCancelled, EvaluationTimeout
-from ray_eval.metrics import EvalResult
 from ray_eval.planning import EvalRequest, EvaluationPlan, RequestOrder
+from ray_eval.results.metrics import EvalResult
 from ray_eval.weights import EnvState, Payload
-from ray_eval.worker import EvalWorker, WorkerConfig
 
 
 class LocalBackend:

@@ -24,6 +24,13 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ray_eval.backends.resources import (
+    free_text,
+    nodes_that_fit,
+    requested_resources,
+    resources_text,
+)
+from ray_eval.backends.worker import RemoteWorker, WorkerInfo
 from ray_eval.errors import (
     EvaluationTimeout,
     ResourceUnavailableError,
@@ -32,10 +39,8 @@ from ray_eval.errors import (
     remote_cause,
 )
 from ray_eval.memory import release_store_pages
-from ray_eval.metrics import EvalResult
 from ray_eval.planning import Chunk, EvalRequest, EvaluationPlan, RequestOrder
-from ray_eval.resources import free_text, nodes_that_fit, requested_resources, resources_text
-from ray_eval.worker import RemoteWorker, WorkerInfo
+from ray_eval.results.metrics import EvalResult
 
 # A pickled policy at least this large has its built weights put once by the pool for
 # all workers (see ``WorkerPool.initial_weights``); a smaller one, by each worker, which

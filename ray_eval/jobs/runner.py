@@ -15,12 +15,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ray_eval.checkpoints import CheckpointError, WithEnvParts, load_weights, step_of
-from ray_eval.config import EvalConfig
-from ray_eval.display import progress, result_line
+from ray_eval.backends.ray_session import connect
 from ray_eval.errors import one_line
-from ray_eval.loggers import build_loggers, close_loggers, logging_callback
-from ray_eval.ray_session import connect
+from ray_eval.jobs.checkpoints import CheckpointError, WithEnvParts, load_weights, step_of
+from ray_eval.jobs.config import EvalConfig
+from ray_eval.jobs.loggers import build_loggers, close_loggers, logging_callback
+from ray_eval.results.display import progress, result_line
 
 log = logging.getLogger("ray_eval")
 _NO_CLUSTER = {"nodes": 0, "cpus": 0, "gpus": 0}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ray_eval.results import read_results
+from ray_eval.results.results_file import read_results
 
 
 def curves(

@@ -16,24 +16,24 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, TaskCancelledError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ray_eval.errors import (
-    EvaluationCancelled,
-    ResourceUnavailableError,
-    WorkerDiedError,
-    remote_cause,
-)
-from ray_eval.metrics import EvalResult
-from ray_eval.planning import EvalRequest, EvaluationPlan
-from ray_eval.pool import PoolConfig, WorkerPool
-from ray_eval.resources import (
+from ray_eval.backends.pool import PoolConfig, WorkerPool
+from ray_eval.backends.resources import (
     FIRST_REPORT_WAIT,
     Autoscaler,
     check_resources,
     find_autoscaler,
     requested_resources,
 )
+from ray_eval.backends.worker import WorkerConfig, WorkerInfo
+from ray_eval.errors import (
+    EvaluationCancelled,
+    ResourceUnavailableError,
+    WorkerDiedError,
+    remote_cause,
+)
+from ray_eval.planning import EvalRequest, EvaluationPlan
+from ray_eval.results.metrics import EvalResult
 from ray_eval.weights import EnvState, Payload
-from ray_eval.worker import WorkerConfig, WorkerInfo
 
 
 class RayBackend:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ray_eval.config import ConfigError, EvalConfig
+from ray_eval.jobs.config import ConfigError, EvalConfig
 
 log = logging.getLogger("ray_eval")
 

@@ -114,7 +114,11 @@ class EnvConfig(_Strict):
         if value is not None:
             import gymnasium as gym
 
-            from ray_eval.envs import ENVPOOL_PREFIX, VECTOR_PREFIX, vector_source_from_id
+            from ray_eval.rollout.vector_sources import (
+                ENVPOOL_PREFIX,
+                VECTOR_PREFIX,
+                vector_source_from_id,
+            )
 
             if value.startswith((ENVPOOL_PREFIX, VECTOR_PREFIX)):
                 vector_source_from_id(value)  # a native vector env: raises if unknown
@@ -147,7 +151,8 @@ class EnvConfig(_Strict):
         if self.id is not None:
             if not self.kwargs:
                 return self.id
-            from ray_eval.envs import GymMake, vector_source_from_id
+            from ray_eval.env_input import GymMake
+            from ray_eval.rollout.vector_sources import vector_source_from_id
 
             return vector_source_from_id(self.id, self.kwargs) or GymMake(
                 self.id, dict(self.kwargs)

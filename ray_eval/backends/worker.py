@@ -18,9 +18,9 @@ from typing import Any
 
 import ray
 
-from ray_eval.episodes import EpisodeBatch
 from ray_eval.errors import EnvError, WorkerStartupError
 from ray_eval.planning import Chunk
+from ray_eval.results.episodes import EpisodeBatch
 
 ParamSpec = dict[str, tuple[tuple[int, ...], str]]
 
@@ -87,10 +87,10 @@ class EvalWorker:
         import torch
         from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-        from ray_eval.env_parts import FrozenNormalization, freeze_normalization
-        from ray_eval.envs import build_env, check_action, make_rollout
-        from ray_eval.policies import build_policy, prepare_policy
-        from ray_eval.video import check_renders
+        from ray_eval.results.video import check_renders
+        from ray_eval.rollout.adapters import build_env, check_action, make_rollout
+        from ray_eval.rollout.env_parts import FrozenNormalization, freeze_normalization
+        from ray_eval.rollout.policies import build_policy, prepare_policy
         from ray_eval.weights import module_params
 
         if config.torch_threads:
@@ -127,7 +127,7 @@ class EvalWorker:
             self._targets = module_params(self.policy)
 
     def describe(self) -> WorkerInfo:
-        from ray_eval.env_parts import video_dumpers
+        from ray_eval.rollout.env_parts import video_dumpers
 
         if self._init_error is not None:
             raise self._init_error
@@ -161,7 +161,7 @@ class EvalWorker:
     def dump_videos(self, step: int, members: list[str]) -> None:
         """After an evaluation: copy 0 of each member in ``members`` dumps its video
         at ``step``; every other copy drops what it buffered."""
-        from ray_eval.env_parts import discard_videos, dump_videos
+        from ray_eval.rollout.env_parts import discard_videos, dump_videos
 
         for member, rollout in self.rollouts.items():
             for slot, env in enumerate(rollout._envs):

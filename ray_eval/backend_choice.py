@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray_eval import ray_session
-from ray_eval.local_backend import LocalBackend
+from ray_eval.backends import ray_session
+from ray_eval.backends.local_backend import LocalBackend
+from ray_eval.backends.pickling import check_picklable
+from ray_eval.backends.worker import WorkerConfig
 from ray_eval.options import pool_config
-from ray_eval.pickling import check_picklable
 from ray_eval.planning import EvaluationPlan
-from ray_eval.worker import WorkerConfig
 
 
 def start_backend(
@@ -33,6 +33,6 @@ def start_backend(
         check_picklable(args[what], what)
     check_picklable(factories, "env")
     ray_session.connect()
-    from ray_eval.ray_backend import RayBackend  # imports Ray's actor machinery
+    from ray_eval.backends.ray_backend import RayBackend  # imports Ray's actor machinery
 
     return RayBackend(pool_config(args, factories), plan, worker_config, args["policy"])

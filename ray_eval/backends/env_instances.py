@@ -27,7 +27,7 @@ import ray
 from torchrl.envs import EnvBase, TransformedEnv
 from torchrl.envs.batched_envs import BatchedEnvBase
 
-from ray_eval.pickling import register_user_modules, unpicklable_parts
+from ray_eval.backends.pickling import register_user_modules, unpicklable_parts
 
 
 def is_env_instance(obj: Any) -> bool:

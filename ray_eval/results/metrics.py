@@ -15,7 +15,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from ray_eval.episodes import SUCCESS_KEY, EpisodeData
+from ray_eval.results.episodes import SUCCESS_KEY, EpisodeData
 
 BOOTSTRAP_SAMPLES = 2000
 CONFIDENCE = 0.95

@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from ray_eval.episodes import SUCCESS_KEY, EpisodeBatch
-from ray_eval.planning import Chunk
-from ray_eval.rollout import _EpisodeLog
+from ray_eval.results.episodes import SUCCESS_KEY, EpisodeBatch
+from ray_eval.rollout.chunk import Chunk
+from ray_eval.rollout.loops import _EpisodeLog
 
 NEXT_STEP = "NextStep"  # gymnasium >= 1.0 and EnvPool: the step after the last one resets
 SAME_STEP = "SameStep"  # the last step already returns the next episode's first observation

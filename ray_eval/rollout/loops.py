@@ -28,10 +28,10 @@ import torch
 from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
 from tensordict import TensorDictBase
 
-from ray_eval.episodes import SUCCESS_KEY, EpisodeBatch
 from ray_eval.errors import EnvError
-from ray_eval.planning import Chunk
-from ray_eval.torchrl_env import attach_info_tap, seeded_reset
+from ray_eval.results.episodes import SUCCESS_KEY, EpisodeBatch
+from ray_eval.rollout.chunk import Chunk
+from ray_eval.rollout.torchrl_env import attach_info_tap, seeded_reset
 
 
 class _EpisodeLog:

@@ -1,0 +1,14 @@
+"""The episode loops and everything about envs and policies. No Ray in this wing.
+
+- ``chunk``: the unit of work a loop runs (planned episodes and their seeds).
+- ``loops``: ``GymnasiumRollout`` (vectorized gymnasium) and ``TorchRLRollout`` (``EnvBase``).
+- ``vector_loop``, ``vector_sources``: native vector envs (EnvPool, gymnasium's
+  ``vector_entry_point``): building them and their loop.
+- ``adapters``: env copies and a policy turned into a loop; the action check.
+- ``policies``: whatever the user passed, called once per step on a batch.
+- ``torchrl_env``, ``env_parts``, ``trajectories``: seeding and info of TorchRL envs,
+  frozen normalization and video dumps, the trajectories ``metrics_fn`` receives.
+
+The same code runs in a worker actor and in-process; ``tests/test_layout.py`` imports
+it with Ray blocked.
+"""
