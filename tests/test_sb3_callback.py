@@ -154,10 +154,15 @@ def test_stop_on_threshold_arrives_within_one_eval_freq(ray_local, async_eval):
         verbose=0,
         async_eval=async_eval,
         num_workers=1 if async_eval else 0,  # blocking: in-process
+        best_by="reward" if async_eval else "reward_ci_low",
     )
     model.learn(20 * EVAL_FREQ, callback=callback)
     assert callback.evaluations_timesteps == [] and len(callback.results) == 1
-    assert callback.results[0]["eval/step"] == EVAL_FREQ
+    result = callback.results[0]
+    assert result["eval/step"] == EVAL_FREQ
+    assert (
+        callback.best_mean_reward == result["eval/reward" if async_eval else "eval/reward_ci_low"]
+    )
     if async_eval:
         assert EVAL_FREQ <= model.num_timesteps <= 2 * EVAL_FREQ
     else:

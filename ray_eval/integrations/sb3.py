@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 import warnings
 from typing import Any
 
@@ -124,14 +125,10 @@ class EvalCallback(SB3EvalCallback):
         self.best_result: dict | None = None  # the result of the best model
         self.last_result = None  # the latest EvalResult
         self.results: list = []  # every EvalResult handled, in order (episodes included)
+        self.startup_seconds = 0.0  # spent starting the workers (each learn() starts them)
         self._kept: dict[int, tuple[dict, bytes | None]] = {}  # step -> what it evaluated
 
     # -- lifecycle -------------------------------------------------------------------
-
-    def _init_callback(self) -> None:
-        super()._init_callback()
-        if self.evaluator is None:
-            self._start_evaluator()
 
     def _start_evaluator(self) -> None:
         from ray_eval.evaluator import Evaluator
@@ -146,8 +143,10 @@ class EvalCallback(SB3EvalCallback):
             "busy_policy": "queue",
             **self.evaluator_kwargs,
         }
+        started = time.perf_counter()
         actor = worker_actor(self.model.policy, self._parts, self.deterministic)
         self.evaluator = Evaluator(self._parts.env, actor, **kwargs)
+        self.startup_seconds += time.perf_counter() - started
         self.schedule = EvalSchedule(
             self.evaluator, max(self.eval_freq, 1), when_busy=self.when_busy
         )
@@ -161,11 +160,12 @@ class EvalCallback(SB3EvalCallback):
         self.close()
 
     def close(self) -> None:
-        """Stop the evaluation workers (idempotent)."""
+        """Stop the evaluation workers (idempotent). Pending evaluations are dropped."""
         if self.evaluator is not None:
             self.evaluator.shutdown()
         self.evaluator = None
         self.schedule = None
+        self._kept.clear()
 
     # -- steps ----------------------------------------------------------------------
 
@@ -174,10 +174,13 @@ class EvalCallback(SB3EvalCallback):
         delivered = []
         if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
             self._sync_normalization()
+            if self.evaluator is None:  # started at the first evaluation of each learn()
+                self._start_evaluator()
             if self.warn and not self._monitor_wrapped():
                 warnings.warn(MONITOR_WARNING, UserWarning, stacklevel=2)
             delivered = self._evaluate_now() if not self.async_eval else self._trigger()
-        delivered += [d.result for d in self.schedule.collect()]
+        if self.schedule is not None:
+            delivered += [d.result for d in self.schedule.collect()]
         for result in delivered:
             continue_training = self._handle(result) and continue_training
         return continue_training
