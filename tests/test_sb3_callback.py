@@ -10,8 +10,9 @@ import pickle
 import gymnasium as gym
 import numpy as np
 import pytest
-from stable_baselines3 import PPO, SAC
+from stable_baselines3 import DQN, PPO, SAC
 from stable_baselines3.common.callbacks import BaseCallback, StopTrainingOnRewardThreshold
+from stable_baselines3.common.envs import BitFlippingEnv
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import (
     DummyVecEnv,
@@ -82,6 +83,39 @@ def test_best_model_gives_evaluate_policys_numbers(
     reloaded = algo.load(tmp_path / "best_model")
     sb3 = _sb3_returns(reloaded, lambda: gym.make(env_id), best.episodes.seeds)
     assert sb3 == best.episodes.returns.tolist()  # bit for bit, episode by episode
+
+
+def _bit_flipping() -> gym.Env:
+    return BitFlippingEnv(n_bits=4, max_steps=8)  # Dict of MultiBinary observations
+
+
+def _taxi() -> gym.Env:
+    return gym.make("Taxi-v4", max_episode_steps=40)  # Discrete(500) observations
+
+
+@pytest.mark.parametrize(
+    "make_env, policy",
+    [(_bit_flipping, "MultiInputPolicy"), (_taxi, "MlpPolicy")],
+    ids=["dict", "discrete"],
+)
+def test_dict_and_discrete_observations_give_evaluate_policys_numbers(make_env, policy):
+    """Observations that are not arrays travel flattened and reach SB3's predict as they
+    were: the same returns as evaluate_policy, seed by seed (in-process, blocking)."""
+    model = DQN(
+        policy, make_env(), learning_starts=10_000, seed=0, policy_kwargs=dict(net_arch=[16])
+    )
+    callback = EvalCallback(
+        make_env(),
+        eval_freq=16,
+        n_eval_episodes=4,
+        async_eval=False,
+        num_workers=0,
+        warn=False,
+        verbose=0,
+    )
+    model.learn(16, callback=callback)  # no update before learning_starts: the weights evaluated
+    result = callback.results[0]
+    assert _sb3_returns(model, make_env, result.episodes.seeds) == result.episodes.returns.tolist()
 
 
 class _TrainingStats(BaseCallback):
