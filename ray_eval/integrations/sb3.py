@@ -29,6 +29,9 @@ the ``eval/mean_reward`` log). What changes:
   95% interval instead of the mean; ``best_mean_reward`` then holds that bound,
   so SB3's ``StopTrainingOnRewardThreshold`` stops on it.
 
+The workers start at the first evaluation of each ``learn()`` (waiting up to 300 s
+for them: ``evaluator_kwargs={"startup_timeout": ...}``) and stop at its end.
+
 Not supported: ``render=True`` (the workers have no screen), eval envs other
 than a gymnasium env or a ``DummyVecEnv`` under ``VecNormalize``/``VecMonitor``,
 recurrent policies.
@@ -141,6 +144,9 @@ class EvalCallback(SB3EvalCallback):
             # batch size gives the same bits
             "envs_per_worker": self._parts.num_envs,
             "busy_policy": "queue",
+            # a training run would rather wait for workers slow to start on a busy machine
+            # than stop with an error (placements that cannot fit still fail at once)
+            "startup_timeout": 300.0,
             **self.evaluator_kwargs,
         }
         started = time.perf_counter()
