@@ -14,13 +14,16 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ray_eval"
 SHARED_LEAVES = {"errors", "factories", "memory"}  # rank 0: import no other ray_eval module
 SHARED_CORE = {"planning", "weights"}  # rank 3: between rollout (below) and backends (above)
 FACADE = {"evaluator", "options", "torchrl_args", "delivery", "env_input", "backend_choice"}
-WING_RANKS = {"results": 1, "rollout": 2, "backends": 4, "jobs": 6}
+# integrations: ray_eval inside training loops (SB3, TorchRL's Trainer), built on the façade;
+# the jobs (ray-eval watch) use its best/stop pieces.
+WING_RANKS = {"results": 1, "rollout": 2, "backends": 4, "integrations": 6, "jobs": 7}
+TOP = {"__init__", "__main__", "sb3"}  # the package's entry points: import anything
 
 
 def rank(module: str) -> int:
     parts = module.split(".")[1:]  # drop "ray_eval"
-    if not parts or parts[0] in ("__init__", "__main__"):
-        return 7
+    if not parts or parts[0] in TOP:
+        return 8
     head = parts[0]
     if head in WING_RANKS:
         return WING_RANKS[head]

@@ -1,16 +1,22 @@
 """Checkpoints on disk: finding them, their step, whether they are complete, their weights.
 
-Three formats are read:
+Four formats are read:
 
 * a ``torch.save``d ``state_dict`` (``.pt``/``.pth``/``.ckpt``), loaded with
   ``weights_only=True``; ``checkpoint.key`` picks the policy's entry out of a
   training checkpoint dict such as ``{"policy": ..., "optimizer": ..., "step": ...}``;
 * a TensorDict saved with ``TensorDict.save``/``memmap`` (a directory);
-* a whole pickled ``nn.Module``, only with ``allow_pickle`` (unpickling runs code).
+* a whole pickled ``nn.Module``, only with ``allow_pickle`` (unpickling runs code);
+* a ``torchrl.checkpoint`` (a directory with a ``manifest.json``, or a ``.torchrl``
+  archive): the component ``checkpoint.key`` (default ``"policy"``, where TorchRL's
+  ``Trainer`` puts its policy), and components named ``env...`` (``KeepBest``'s env
+  parts), which are loaded into the evaluation envs as ``weights_dict``.
 
 The step comes from metadata beside the checkpoint (``<name>.json`` holding
-``{"step": 1000}``), else from the name (``policy_step_1000.pt``), else from a
-``step`` entry inside a training checkpoint dict.
+``{"step": 1000}``), else from a TorchRL checkpoint's manifest (``step``, or a
+``Trainer``'s ``collected_frames``), else from the name (``policy_step_1000.pt``,
+TorchRL's rotated ``checkpoint-000000001000``), else from a ``step`` entry inside
+a training checkpoint dict.
 """
 
 from __future__ import annotations
@@ -29,10 +35,21 @@ from ray_eval.errors import one_line
 SUFFIXES = (".pt", ".pth", ".ckpt")
 STEP_IN_NAME = re.compile(r"(?:^|[_\-.])step[_\-=]?(\d+)(?![\d])", re.IGNORECASE)
 IGNORED_NAME = re.compile(r"^\.|(\.tmp|\.part|\.partial|~)$|\.tmp\.", re.IGNORECASE)
+# TorchRL's CheckpointRotation names: <prefix>-<step, 12 digits>[.torchrl]
+TORCHRL_ROTATED_NAME = re.compile(r"^.+-(\d+)(?:\.torchrl)?$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, or not weights; the message is one line."""
+
+
+@dataclass(frozen=True)
+class WithEnvParts:
+    """A checkpoint's policy weights and the env parts' states saved with them
+    (``Evaluator.evaluate(policy, weights_dict=env_parts)``)."""
+
+    policy: Any
+    env_parts: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,12 @@ def step_of(path: str | Path) -> int | None:
                 f"checkpoint metadata {meta} needs an integer 'step', got {step!r}"
             )
         return step
+    if _is_torchrl(path):
+        step = _torchrl_step(path)
+        if step is not None:
+            return step
+        rotated = TORCHRL_ROTATED_NAME.match(path.name)
+        return int(rotated.group(1)) if rotated else None
     stem = path.name
     for suffix in SUFFIXES:
         if stem.lower().endswith(suffix):
@@ -78,12 +101,32 @@ def step_of(path: str | Path) -> int | None:
 
 
 def is_checkpoint(path: Path) -> bool:
-    """A ``.pt``/``.pth``/``.ckpt`` file or a TensorDict directory (with ``meta.json``)."""
+    """A ``.pt``/``.pth``/``.ckpt`` file, a TensorDict directory (with ``meta.json``) or a
+    TorchRL checkpoint (a directory with ``manifest.json``, a ``.torchrl`` archive)."""
     if IGNORED_NAME.search(path.name):
         return False
+    if _is_torchrl(path):
+        return True
     if path.is_dir():
         return (path / "meta.json").exists()
     return path.is_file() and path.name.lower().endswith(SUFFIXES)
+
+
+def _is_torchrl(path: Path) -> bool:
+    from ray_eval.integrations.torchrl_checkpoints import looks_like_torchrl_checkpoint
+
+    return looks_like_torchrl_checkpoint(path)
+
+
+def _torchrl_step(path: Path) -> int | None:
+    from ray_eval.integrations.torchrl_checkpoints import manifest, manifest_step
+
+    try:
+        return manifest_step(manifest(path))
+    except Exception as error:
+        raise CheckpointError(
+            f"TorchRL checkpoint {path} has no readable manifest: {one_line(error)}"
+        ) from None
 
 
 def find_checkpoints(directory: str | Path) -> tuple[list[Checkpoint], list[Path]]:
@@ -142,10 +185,41 @@ def load_weights(
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if _is_torchrl(path):
+        return _load_torchrl(path, key or "policy")
     if path.is_dir():
         return _load_tensordict_dir(path), None
     obj = _torch_load(path, allow_pickle)
     return _weights_in(obj, path, key)
+
+
+def _load_torchrl(path: Path, key: str) -> tuple[Any, int | None]:
+    from ray_eval.integrations.torchrl_checkpoints import manifest, manifest_step, read_components
+
+    try:
+        found = manifest(path)
+        names = [
+            key,
+            *(n for n in found["components"] if n == "env" or n.startswith(("env.", "env["))),
+        ]
+        if key not in found["components"]:
+            raise CheckpointError(
+                f"TorchRL checkpoint {path} has no component {key!r} (checkpoint.key); "
+                f"its components are {sorted(found['components'])}"
+            )
+        states, _ = read_components(path, names)
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise CheckpointError(
+            f"TorchRL checkpoint {path} cannot be read: {type(error).__name__}: {one_line(error)}"
+        ) from None
+    policy = states.pop(key)
+    if not isinstance(policy, Mapping):
+        raise CheckpointError(f"TorchRL checkpoint {path}: component {key!r} is not a state dict")
+    _check_tensors(policy, path, key)
+    step = manifest_step(found)
+    return (WithEnvParts(policy, states) if states else policy), step
 
 
 def _load_tensordict_dir(path: Path):

@@ -10,6 +10,8 @@ Examples::
     ray-eval run configs/pendulum.yaml
     ray-eval run configs/pendulum.yaml --checkpoint ckpt/policy_step_1000.pt num_trajectories=32
     ray-eval watch configs/pendulum.yaml --checkpoint-dir ckpt --until-step 100000
+    ray-eval watch configs/pendulum.yaml --checkpoint-dir ckpt --keep-best best \
+        --stop-when "eval/reward_ci_low >= -200"
     ray-eval plot outputs/pendulum.jsonl -o outputs/curve.png
 """
 
@@ -96,6 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="fail on a checkpoint unchanged but unreadable this long (60)",
     )
+    watch.add_argument(
+        "--keep-best",
+        type=Path,
+        metavar="DIR",
+        help="save the best checkpoint's weights (and env parts) here, as a torchrl.checkpoint",
+    )
+    _best_arguments(watch)
+    watch.add_argument(
+        "--stop-when",
+        type=_condition,
+        metavar="COND",
+        help="stop once a result meets COND, e.g. 'eval/reward_ci_low >= 450', after writing "
+        "the stop file",
+    )
+    watch.add_argument(
+        "--stop-file",
+        type=Path,
+        metavar="PATH",
+        help="the marker --stop-when writes for the trainer (CHECKPOINT_DIR/ray_eval_stop.json)",
+    )
 
     plot = commands.add_parser("plot", help="plot reward against step from results files")
     plot.add_argument(
@@ -106,7 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("--metric", default="reward", help="metric without prefix (reward)")
     plot.add_argument("--title", help="plot title")
+    _best_arguments(plot)
     return parser
+
+
+def _best_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--best-by",
+        default="reward_ci_low",
+        metavar="METRIC",
+        help="the metric that picks the best checkpoint (reward_ci_low: the lower bound of the "
+        "mean's 95%% interval; reward: the mean; 'none' in plot: mark nothing)",
+    )
+    command.add_argument(
+        "--best-mode", choices=("max", "min"), default="max", help="higher or lower is better"
+    )
+
+
+def _condition(text: str) -> str:
+    from ray_eval.integrations.stopping import StopOnThreshold
+
+    try:
+        StopOnThreshold.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _common(command: argparse.ArgumentParser) -> None:
@@ -196,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _evaluate(args: argparse.Namespace, tty: bool) -> int:
     from ray_eval.jobs.config import load_config
     from ray_eval.jobs.runner import EvalJob
-    from ray_eval.results.display import print_table, steps_table, summary_table
+    from ray_eval.results.display import best_table, print_table, steps_table, summary_table
     from ray_eval.results.results_file import append_result
 
     overrides = list(args.overrides)
@@ -231,11 +277,23 @@ def _evaluate(args: argparse.Namespace, tty: bool) -> int:
         until_step=args.until_step,
         idle_timeout=args.idle_timeout,
         unreadable_timeout=args.unreadable_timeout,
+        keep_best=args.keep_best,
+        best_by=args.best_by,
+        best_mode=args.best_mode,
+        stop_when=args.stop_when,
+        stop_file=args.stop_file,
     )
     with EvalJob(config, address=args.address, tty=tty) as job:
-        written = Watcher(job, options).run()
+        watcher = Watcher(job, options)
+        written = watcher.run()
     if written:
         print_table(steps_table(written))
+    best = watcher.best_record()
+    if best is not None:
+        saved = watcher.keep_best.path if watcher.keep_best is not None else None
+        print_table(best_table(best, options.best_by, saved))
+    if watcher.stop_record is not None:
+        log.info("stopped: %s (marker %s)", watcher.stopper.reason, options.stop_marker)
     log.info("%d checkpoint(s) evaluated by this run; results in %s", len(written), output)
     return EXIT_OK
 
@@ -243,7 +301,15 @@ def _evaluate(args: argparse.Namespace, tty: bool) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from ray_eval.results.plotting import plot_results
 
-    path = plot_results(args.files, args.output, metric=args.metric, title=args.title)
+    best_by = None if args.best_by.lower() == "none" else args.best_by
+    path = plot_results(
+        args.files,
+        args.output,
+        metric=args.metric,
+        title=args.title,
+        best_by=best_by,
+        best_mode=args.best_mode,
+    )
     log.info("plot written to %s", path)
     return EXIT_OK
 

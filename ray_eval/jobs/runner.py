@@ -17,7 +17,7 @@ from typing import Any
 
 from ray_eval.backends.ray_session import connect
 from ray_eval.errors import one_line
-from ray_eval.jobs.checkpoints import CheckpointError, load_weights, step_of
+from ray_eval.jobs.checkpoints import CheckpointError, WithEnvParts, load_weights, step_of
 from ray_eval.jobs.config import EvalConfig
 from ray_eval.jobs.loggers import build_loggers, close_loggers, logging_callback
 from ray_eval.results.display import progress, result_line
@@ -93,8 +93,11 @@ class EvalJob:
             f"evaluating {what}: {self.config.num_trajectories} episodes of {self.config.env.label}",
             tty=self._tty,
         ):
+            weights_dict = None
+            if isinstance(weights, WithEnvParts):  # saved with env parts (KeepBest's best)
+                weights, weights_dict = weights.policy, weights.env_parts
             try:
-                result = evaluator.evaluate(weights=weights, step=step)
+                result = evaluator.evaluate(weights=weights, step=step, weights_dict=weights_dict)
             except Exception as error:
                 from ray_eval.errors import WeightsMismatchError
 

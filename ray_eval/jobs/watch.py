@@ -11,18 +11,33 @@ for ``settle`` seconds and it loads; a half-written one is waited for. One that
 stays unreadable, unchanged, for ``unreadable_timeout`` seconds is corrupt and
 stops the watch. Checkpoints are taken strictly in step order: a later one
 waits for an earlier one still being written.
+
+As the evaluation side of a training run: ``keep_best`` saves the best
+checkpoint's weights (and env parts) with ``KeepBest``, resuming from the
+best already there; ``stop_when`` (``"eval/reward_ci_low >= 450"``) ends the
+watch once a result meets it, after writing ``stop_file`` (JSON: the reason,
+the checkpoint, its step) for the trainer to poll. The results already in the
+output count: a restarted watcher that finds the condition met stops at once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+from ray_eval.integrations.best import KeepBest
+from ray_eval.integrations.criteria import DEFAULT_METRIC
+from ray_eval.integrations.stopping import StopOnThreshold
 from ray_eval.jobs.checkpoints import (
     Checkpoint,
     CheckpointError,
+    WithEnvParts,
     find_checkpoints,
     quiet_for,
     signature,
@@ -31,6 +46,7 @@ from ray_eval.jobs.runner import EvalJob
 from ray_eval.results.results_file import append_result, read_results
 
 log = logging.getLogger("ray_eval")
+STOP_FILE = "ray_eval_stop.json"
 
 
 @dataclass
@@ -43,6 +59,15 @@ class WatchOptions:
     until_step: int | None = None  # stop once a checkpoint at or past this step is in the output
     idle_timeout: float | None = None  # stop after this long with nothing new to evaluate
     unreadable_timeout: float = 60.0
+    keep_best: Path | None = None  # save the best checkpoint here (KeepBest)
+    best_by: str = DEFAULT_METRIC  # the metric that decides "best" (keep_best, the summary)
+    best_mode: str = "max"
+    stop_when: str | None = None  # "eval/reward_ci_low >= 450": stop once a result meets it
+    stop_file: Path | None = None  # written when stop_when is met (default: in checkpoint_dir)
+
+    @property
+    def stop_marker(self) -> Path:
+        return self.stop_file or self.checkpoint_dir / STOP_FILE
 
 
 @dataclass
@@ -63,12 +88,35 @@ class Watcher:
         self.written: list[dict] = []  # records appended by this run
         self._unreadable: dict[Path, _Unreadable] = {}
         self._warned: set[Path] = set()
+        prefix = job.config.log_prefix
+        self.keep_best = (
+            KeepBest(
+                options.keep_best,
+                options.best_by,
+                mode=options.best_mode,
+                prefix=prefix,
+                resume=True,
+            )
+            if options.keep_best is not None
+            else None
+        )
+        self.stopper = (
+            StopOnThreshold.parse(options.stop_when, prefix=prefix) if options.stop_when else None
+        )
+        self.stop_record: dict | None = None
+        self.records: list[dict] = []  # this config's records of this directory, old and new
         for record in read_results(options.output):
             if record.get("config_hash") == job.config_hash and record.get("checkpoint"):
                 self.done[record["checkpoint"]] = record.get("step")
+                if Path(record["checkpoint"]).parent == self.directory:
+                    self.records.append(record)
+        for record in sorted(self.records, key=lambda r: r.get("step") or 0):
+            self._check_stop(record)  # met by a previous run: stop at once
 
     def finished(self) -> bool:
-        """Whether the stop condition (``max_checkpoints`` / ``until_step``) is met."""
+        """Whether a stop condition (``max_checkpoints``, ``until_step``, ``stop_when``) is met."""
+        if self.stop_record is not None:
+            return True
         mine = {p: s for p, s in self.done.items() if Path(p).parent == self.directory}
         if self.options.max_checkpoints is not None and len(mine) >= self.options.max_checkpoints:
             return True
@@ -127,11 +175,53 @@ class Watcher:
             record = self.job.evaluate(checkpoint.path, step=checkpoint.step, weights=weights)
             if append_result(self.options.output, record):
                 self.written.append(record)
+                self.records.append(record)
+                self._keep_if_best(record, weights)
+                self._check_stop(record)
             self.done[str(checkpoint.path)] = checkpoint.step
             progressed = True
             if self.finished():
                 break
         return progressed
+
+    def _keep_if_best(self, record: dict, weights: Any) -> None:
+        if self.keep_best is None or not self.keep_best.is_better(record["metrics"]):
+            return
+        env_parts = None
+        if isinstance(weights, WithEnvParts):
+            weights, env_parts = weights.policy, weights.env_parts
+        self.keep_best.update(
+            record["metrics"], weights, weights_dict=env_parts, source=record["checkpoint"]
+        )
+
+    def _check_stop(self, record: dict) -> None:
+        if self.stopper is None or self.stop_record is not None:
+            return
+        if not self.stopper.update(record["metrics"]):
+            return
+        self.stop_record = record
+        marker = self.options.stop_marker
+        data = {
+            "reason": self.stopper.reason,
+            "condition": str(self.stopper),
+            "checkpoint": record.get("checkpoint"),
+            "step": record.get("step"),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f".{marker.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, marker)
+        log.info("stop condition met: %s; wrote %s", self.stopper.reason, marker)
+
+    def best_record(self) -> dict | None:
+        """The best of this config's records for the directory, by ``best_by``."""
+        key = f"{self.job.config.log_prefix}/{self.options.best_by.split('/')[-1]}"
+        scored = [r for r in self.records if isinstance(r["metrics"].get(key), int | float)]
+        if not scored:
+            return None
+        pick = max if self.options.best_mode == "max" else min
+        return pick(scored, key=lambda r: (r["metrics"][key], -(r.get("step") or 0)))
 
     def _ready(self, checkpoint: Checkpoint):
         """The checkpoint's weights if it is complete, ``None`` while it is being written."""

@@ -153,6 +153,29 @@ def steps_table(records: Sequence[dict]) -> Table:
     return table
 
 
+def best_table(record: dict, best_by: str, saved=None) -> Table:
+    """The best checkpoint of a watch: which one, its step, its numbers, where it was kept."""
+    table = Table(title="best checkpoint", box=box.SIMPLE_HEAVY, title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("", justify="left")
+    metric = best_by.split("/")[-1]
+    rows = [
+        ("checkpoint", str(record.get("checkpoint") or "-")),
+        ("step", str(record.get("step"))),
+        (f"{metric} (best by)", _num(_metric(record, metric))),
+        ("reward (mean)", _num(_metric(record, "reward"))),
+        (
+            "reward 95% CI",
+            f"[{_num(_metric(record, 'reward_ci_low'))}, {_num(_metric(record, 'reward_ci_high'))}]",
+        ),
+    ]
+    if saved is not None:
+        rows.append(("kept as", str(saved)))
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
 def print_table(table: Table) -> None:
     """Print to stdout; wide enough not to wrap in job logs (no terminal width there)."""
     console = Console(width=None if sys.stdout.isatty() else 120, highlight=False)

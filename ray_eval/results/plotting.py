@@ -39,14 +39,40 @@ def curves(
     }
 
 
+def best_points(
+    records: Sequence[dict],
+    metric: str = "reward",
+    best_by: str = "reward_ci_low",
+    mode: str = "max",
+) -> dict[str, tuple[int, float]]:
+    """``{label: (step, metric value)}``: each line's best checkpoint by ``best_by``."""
+    by_by = curves(records, best_by.split("/")[-1])
+    values = {
+        label: dict((p[0], p[1]) for p in points)
+        for label, points in curves(records, metric).items()
+    }
+    out = {}
+    for label, points in by_by.items():
+        scored = [p for p in points if p[0] in values.get(label, {})]
+        if not scored:
+            continue
+        pick = max if mode == "max" else min
+        step = pick(scored, key=lambda p: (p[1], -p[0]))[0]
+        out[label] = (step, values[label][step])
+    return out
+
+
 def plot_results(
     files: Sequence[str | Path],
     output: str | Path,
     *,
     metric: str = "reward",
     title: str | None = None,
+    best_by: str | None = "reward_ci_low",
+    best_mode: str = "max",
 ) -> Path:
-    """Draw ``metric`` against step for every config/env in ``files`` into ``output``."""
+    """Draw ``metric`` against step for every config/env in ``files`` into ``output``;
+    each line's best checkpoint by ``best_by`` is marked with a star (``None``: no mark)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,6 +86,7 @@ def plot_results(
             f"{', '.join(missing)} not found" if missing else f"no results with a {metric!r} metric"
         )
         raise ValueError(f"nothing to plot: {where}")
+    best = best_points(records, metric, best_by, best_mode) if best_by else {}
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     try:
         for label, points in lines.items():
@@ -72,6 +99,16 @@ def plot_results(
                 color=line.get_color(),
                 alpha=0.2,
             )
+            if label in best:
+                step, value = best[label]
+                ax.plot([step], [value], marker="*", markersize=14, color=line.get_color())
+                ax.annotate(
+                    f"best by {best_by.split('/')[-1]}: step {step}",
+                    (step, value),
+                    textcoords="offset points",
+                    xytext=(6, 8),
+                    fontsize="small",
+                )
         ax.set_xlabel("step")
         ax.set_ylabel(f"{metric} (mean, 95% CI)")
         ax.set_title(title or f"{metric} vs step")
