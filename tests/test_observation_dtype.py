@@ -66,7 +66,6 @@ def test_a_float64_policy_gets_float64_observations(ray_local):
     np.testing.assert_array_equal(episodes.returns, replay(policy, episodes.seeds, torch.float64))
 
 
-
 def half_precision_replay(policy: nn.Module, seeds, dtype: torch.dtype) -> list[float]:
     """``replay`` for a bfloat16/float16 policy: its actions go to the env as float32."""
     returns = []
