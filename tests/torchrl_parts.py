@@ -12,8 +12,19 @@ import torch
 from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.data import Unbounded
-from torchrl.envs import Compose, GymEnv, StepCounter, Transform, TransformedEnv, VecNormV2
+from torchrl.envs import (
+    Compose,
+    GymEnv,
+    GymWrapper,
+    RewardScaling,
+    StepCounter,
+    Transform,
+    TransformedEnv,
+    VecNormV2,
+)
 from torchrl.record import VideoRecorder
+
+from tests.envs import SeedLengthEnv
 
 
 class FileVideoLogger:
@@ -94,3 +105,12 @@ def env_var_pendulum() -> GymEnv:
 def mark_process(directory: str) -> None:
     """An init_fn: leaves a file named after the process that ran it."""
     Path(directory, f"init-{os.getpid()}").write_text("ran")
+
+
+def scaled_seed_length_env(**faults) -> TransformedEnv:
+    """``SeedLengthEnv`` (rewards that depend on the action) with a ``RewardScaling`` at
+    ``env.transform``: scale 1 unless ``weights_dict`` loads another one. ``faults`` go
+    to ``SeedLengthEnv`` (crashes, hangs, slow steps)."""
+    return TransformedEnv(
+        GymWrapper(SeedLengthEnv(action_reward=True, **faults)), RewardScaling(0.0, 1.0)
+    )

@@ -57,6 +57,7 @@ class WorkerInfo:
     param_spec: ParamSpec
     rollouts: dict[str, str] = field(default_factory=dict)  # member -> loop used
     dumps_video: bool = False  # some env has a video transform to dump after each evaluation
+    env_parts: dict[str, Any] = field(default_factory=dict)  # member -> EnvParts (weights_dict)
 
 
 class EvalWorker:
@@ -131,7 +132,7 @@ class EvalWorker:
             self._targets = module_params(self.policy)
 
     def describe(self) -> WorkerInfo:
-        from ray_eval.rollout.env_parts import video_dumpers
+        from ray_eval.rollout.env_parts import EnvParts, video_dumpers
 
         if self._init_error is not None:
             raise self._init_error
@@ -142,14 +143,21 @@ class EvalWorker:
             param_spec={k: (tuple(v.shape), str(v.dtype)) for k, v in self._targets.items()},
             rollouts={m: type(r).__name__ for m, r in self.rollouts.items()},
             dumps_video=any(video_dumpers(e) for e in self._env_copies()),
+            env_parts={member: _env_parts(r, EnvParts) for member, r in self.rollouts.items()},
         )
 
     def _env_copies(self) -> list:
         return [env for rollout in self.rollouts.values() for env in rollout._envs]
 
     def load_env_state(self, env_state: dict | None) -> None:
-        """Load env parts' states (``weights_dict``) into every env copy, now and later."""
-        if env_state is not None:
+        """Load env parts' states (``weights_dict``) into every env copy, now and later.
+
+        Every request carries the evaluator's current env state (``None``: it never
+        had any), so a worker that is new, restarted or replaced computes the same
+        numbers as one that saw every earlier request. The same state again loads
+        nothing.
+        """
+        if env_state is not None and env_state is not self._env_state:
             self._env_state, self._env_state_in = env_state, set()
 
     def _apply_env_state(self) -> None:
@@ -342,6 +350,15 @@ def _node_id() -> str:
     if ray.is_initialized():
         return ray.get_runtime_context().get_node_id()
     return "local"
+
+
+def _env_parts(rollout, env_parts_type):
+    """What weights_dict may load into the env copies of ``rollout`` (``EnvParts``)."""
+    loop = type(rollout).__name__
+    if rollout._envs:
+        return env_parts_type.of(rollout._envs[0], loop)
+    spaces = getattr(rollout, "spaces", None)  # a native vector env: no per-slot copies
+    return env_parts_type(getattr(spaces, "name", "a native vector env"), loop, {})
 
 
 def _env_name(factory) -> str:
