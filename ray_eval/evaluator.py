@@ -107,6 +107,10 @@ class Evaluator:
         self._backend = start_backend(args, factories, worker_config, plan, use_ray=use_ray)
         self.num_workers = len(self._backend.workers) if use_ray else 0
         self._param_spec = self._backend.workers[0].param_spec
+        self._env_parts = self._backend.workers[0].env_parts
+        # Env parts' states from weights_dict persist until given again; every request
+        # carries them all, so that any worker computes its numbers from the request alone.
+        self._env_state: dict | None = None
         publish = Publisher.from_args(args)
         self._delivery = Delivery(self._backend, publish, max_unread=max_unread_results)
         ray_session.close_at_exit(self)
@@ -157,13 +161,19 @@ class Evaluator:
             if self._delivery.busy and self._busy_policy == "skip" and not sync:
                 return None
             copy = isinstance(self._backend, LocalBackend)
-            payload, env_state = payloads(weights, weights_dict, self._param_spec, copy=copy)
+            payload, env_update = payloads(
+                weights, weights_dict, self._param_spec, self._env_parts, copy=copy
+            )
+            env_state = self._env_state
+            if env_update:  # a new dict: a request already sent keeps the state it had
+                env_state = {**(self._env_state or {}), **env_update}
             counted = step is None  # only a step the evaluator picked advances its counter
             step = self._step_counter if counted else check_step(step)
             request = EvalRequest(
                 seq=self._seq, step=step, replaceable=self._busy_policy == "latest" and not sync
             )
             handle = self._backend.submit(request, payload, env_state)
+            self._env_state = env_state
             self._seq += 1
             self._step_counter += counted
             delivered = Request(handle, request.seq, step, sync)

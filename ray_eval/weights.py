@@ -25,6 +25,7 @@ from torch import nn
 
 from ray_eval.errors import WeightsMismatchError
 from ray_eval.memory import libc_function
+from ray_eval.rollout.env_parts import EnvParts
 
 WeightsLike = nn.Module | TensorDictBase | Mapping
 Payload = dict[str, np.ndarray]
@@ -170,11 +171,14 @@ _memcmp = libc_function("memcmp", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_si
 
 EnvState = dict[str, dict]  # model id ("env.transform[0]") -> its state_dict
 
+_PART_PATH = re.compile(r"\.(\w+)|\[(\d+)\]")
+
 
 def payloads(
     weights: WeightsLike | None,
     weights_dict: Mapping | None,
     spec: ParamSpec,
+    env_parts: Mapping[str, EnvParts] | None = None,
     *,
     copy: bool,
 ) -> tuple[Payload | None, EnvState | None]:
@@ -184,7 +188,10 @@ def payloads(
     policy (``weights`` fills it when absent); ids starting with ``"env"`` name
     a part of every env copy, e.g. ``"env.transform[0]"`` for a ``VecNormV2``
     whose statistics must travel with the weights (its state_dict, extra state
-    included, is loaded into each copy).
+    included, is loaded into each copy). ``env_parts`` (suite member -> what its
+    env has, as the workers reported it) checks each id and its state's keys
+    here, before anything is sent: an id the env lacks, or an env with no parts
+    to load (gymnasium and native vector envs), is refused, naming the key.
     """
     parts = dict(weights_dict or {})
     if weights is not None:
@@ -196,13 +203,61 @@ def payloads(
         check_payload(payload, spec)
     env_state = {}
     for key, value in parts.items():
-        if not isinstance(key, str) or not (key == "env" or key.startswith(("env.", "env["))):
+        if not isinstance(key, str) or not _is_env_id(key):
             raise ValueError(
                 f"weights_dict key {key!r}: ray_eval loads 'policy' and parts of the env "
                 f"named from it, e.g. 'env.transform[0]'"
             )
         env_state[key] = _state_of(key, value)
+        if env_parts is not None:
+            check_env_part(key, env_state[key], env_parts)
     return payload, env_state or None
+
+
+def _is_env_id(key: str) -> bool:
+    """``env`` followed by ``.name`` and ``[index]`` steps only."""
+    return (
+        key.startswith("env") and "".join(m.group(0) for m in _PART_PATH.finditer(key)) == key[3:]
+    )
+
+
+def check_env_part(key: str, state: dict, env_parts: Mapping[str, EnvParts]) -> None:
+    """Raise ``ValueError`` naming ``key`` unless every member's env can load ``state`` there."""
+    for member, env in env_parts.items():
+        where = f"suite member {member!r}: " if member else ""
+        if not env.parts:
+            raise ValueError(
+                f"weights_dict key {key!r}: {where}the env ({env.env_type}, run by "
+                f"{env.loop}) has no parts that weights_dict can load: env parts are the "
+                f"nn.Module parts of a TorchRL env (e.g. a VecNormV2 transform); gymnasium "
+                f"envs and native vector envs have none"
+            )
+        if key not in env.parts:
+            known, missing = _deepest_known(key, env.parts)
+            listed = ", ".join(sorted(env.parts)[:8]) + (" ..." if len(env.parts) > 8 else "")
+            raise ValueError(
+                f"weights_dict key {key!r}: {where}the env ({env.env_type}) has no "
+                f"{missing} there"
+                + (f" (below {known})" if known != "env" else "")
+                + f"; its parts are {listed}"
+            )
+        part_type, keys = env.parts[key]
+        if set(state) != set(keys):
+            raise ValueError(
+                f"weights_dict key {key!r}: {where}the state given has keys "
+                f"{sorted(state)[:8]}, the env's {part_type} there has {sorted(keys)[:8]}"
+            )
+
+
+def _deepest_known(key: str, parts: Mapping) -> tuple[str, str]:
+    """The longest prefix of ``key`` that is a part, and the step after it."""
+    known = "env"
+    for match in _PART_PATH.finditer(key):
+        step = match.group(0)
+        if known + step not in parts:
+            return known, step
+        known += step
+    return known, ""
 
 
 def _state_of(key: str, value) -> dict:
@@ -226,7 +281,7 @@ def resolve_part(env, key: str):
     """The part of ``env`` that model id ``key`` names (``"env.transform[0]"``)."""
     target = env
     path = key[len("env") :]
-    for token in re.findall(r"\.(\w+)|\[(\d+)\]", path):
+    for token in _PART_PATH.findall(path):
         attribute, index = token
         try:
             target = getattr(target, attribute) if attribute else target[int(index)]
@@ -251,6 +306,12 @@ def load_env_state(env, env_state: EnvState) -> None:
         part = resolve_part(env, key)
         if not isinstance(part, nn.Module):
             raise ValueError(f"weights_dict key {key!r} names a {type(part).__name__}")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", _UNSHARED_VECNORM_WARNING, UserWarning)
-            part.load_state_dict(state)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", _UNSHARED_VECNORM_WARNING, UserWarning)
+                part.load_state_dict(state)
+        except Exception as error:
+            raise ValueError(
+                f"weights_dict key {key!r}: its state does not load into the env's "
+                f"{type(part).__name__}: {type(error).__name__}: {error}"
+            ) from None

@@ -91,7 +91,7 @@ class SeedLengthEnv(gym.Env):
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
-        self._length = self.length_for(seed)
+        self._length = self.length_for(seed or 0)  # TorchRL's action check resets unseeded
         self._t = 0
         self._seed = seed
         return np.zeros(2, np.float32), {}

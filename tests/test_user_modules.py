@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import tests.envs  # noqa: F401  (is_user_module looks at imported modules)
+from ray_eval import Evaluator, WorkerStartupError
 from ray_eval.backends import pickling
 from ray_eval.backends.pickling import check_picklable, is_user_module, register_user_modules
 
@@ -195,6 +196,31 @@ def test_modules_are_found_through_partials_globals_classes_and_instances(user_m
     assert register_user_modules(policy) == []
 
 
+def test_user_modules_are_found_in_a_policy_of_any_size(tmp_path):
+    """1,200 layers and a layer of the user's own class: the old walk stopped silently
+    after 20,000 objects, so the user's module was not shipped and the workers failed
+    with ModuleNotFoundError."""
+    (tmp_path / "helper_layers.py").write_text(
+        "import torch\n\nclass Scale(torch.nn.Module):\n"
+        "    def forward(self, x):\n        return 2 * x\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        layers = load_module(tmp_path / "helper_layers.py", "helper_layers")
+        big = [torch.nn.Linear(2, 2) for _ in range(1200)]
+        for policy in (
+            torch.nn.Sequential(layers.Scale(), *big),
+            torch.nn.Sequential(*big, layers.Scale()),
+            {"deep": [[[torch.nn.Sequential(*big[:600])]]], "last": layers.Scale},
+        ):
+            assert register_user_modules(policy) == ["helper_layers"]
+            pickling._unregister(["helper_layers"])
+    finally:
+        sys.path.remove(str(tmp_path))
+        pickling._unregister(["helper_layers"])
+        sys.modules.pop("helper_layers", None)
+
+
 def test_by_reference_is_kept_when_by_value_cannot_pickle(user_modules):
     a, _ = user_modules
     check_picklable(a.locked, "env")  # its module's lock cannot be pickled by value
@@ -202,3 +228,27 @@ def test_by_reference_is_kept_when_by_value_cannot_pickle(user_modules):
     lock = threading.Lock()
     with pytest.raises(TypeError, match=r"env cannot be pickled.*_thread\.lock"):
         check_picklable(functools.partial(a.factory, lock), "env")
+
+
+def test_a_module_that_cannot_ship_is_named_as_an_import_problem(ray_local, tmp_path, caplog):
+    """A module whose function uses a module-level lock cannot be pickled by value: it
+    goes by name, a warning names it, and the workers, which cannot import it, fail
+    with an error that names it and says it is an import problem (the worker's
+    constructor raised: nothing was restarted, whatever max_restarts says)."""
+    (tmp_path / "helper_locked.py").write_text(
+        "import threading\nimport gymnasium as gym\nLOCK = threading.Lock()\n\n"
+        "def make_env():\n    with LOCK:\n        return gym.make('CartPole-v1')\n"
+    )
+    sys.path.insert(0, str(tmp_path))  # the driver's path only: the workers lack it
+    try:
+        helper = load_module(tmp_path / "helper_locked.py", "helper_locked")
+        with pytest.raises(WorkerStartupError) as failure:
+            Evaluator(helper.make_env, torch.nn.Linear(4, 2), num_workers=1, startup_timeout=120)
+    finally:
+        sys.path.remove(str(tmp_path))
+        pickling._unregister(["helper_locked"])
+        sys.modules.pop("helper_locked", None)
+    message = str(failure.value)
+    assert "module 'helper_locked' cannot be imported" in message
+    assert "import problem, not a crash" in message and "max_restarts" not in message
+    assert any("helper_locked cannot be pickled by value" in r.message for r in caplog.records)

@@ -15,6 +15,8 @@ from torchrl.data import Unbounded
 from torchrl.envs import (
     Compose,
     GymEnv,
+    GymWrapper,
+    RewardScaling,
     StepCounter,
     Transform,
     TransformedEnv,
@@ -22,6 +24,8 @@ from torchrl.envs import (
     VecNormV2,
 )
 from torchrl.record import VideoRecorder
+
+from tests.envs import SeedLengthEnv
 
 
 class FileVideoLogger:
@@ -110,3 +114,12 @@ def env_var_pendulum() -> GymEnv:
 def mark_process(directory: str) -> None:
     """An init_fn: leaves a file named after the process that ran it."""
     Path(directory, f"init-{os.getpid()}").write_text("ran")
+
+
+def scaled_seed_length_env(**faults) -> TransformedEnv:
+    """``SeedLengthEnv`` (rewards that depend on the action) with a ``RewardScaling`` at
+    ``env.transform``: scale 1 unless ``weights_dict`` loads another one. ``faults`` go
+    to ``SeedLengthEnv`` (crashes, hangs, slow steps)."""
+    return TransformedEnv(
+        GymWrapper(SeedLengthEnv(action_reward=True, **faults)), RewardScaling(0.0, 1.0)
+    )

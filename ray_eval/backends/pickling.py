@@ -33,7 +33,6 @@ log = logging.getLogger("ray_eval")
 
 # The workers run ray_eval itself: never ship it by value.
 _ALWAYS_IMPORTABLE = frozenset({"ray_eval", "__main__"})  # __main__: cloudpickle ships it anyway
-_WALK_BUDGET = 20_000  # objects visited per registration walk, at most
 
 
 def check_picklable(obj: Any, what: str) -> None:
@@ -50,7 +49,7 @@ def check_picklable(obj: Any, what: str) -> None:
         obj = obj[""]
     registered = register_user_modules(obj)
     error = _pickle_error(obj)
-    if error is not None and registered and _by_reference_works(obj, registered):
+    if error is not None and registered and _by_reference_works(obj, registered, error):
         return
     if error is not None:
         culprits = unpicklable_parts(obj, what)
@@ -69,7 +68,7 @@ def _pickle_error(obj: Any) -> Exception | None:
     return None
 
 
-def _by_reference_works(obj: Any, modules: list[str]) -> bool:
+def _by_reference_works(obj: Any, modules: list[str], error: Exception) -> bool:
     """Fall back to pickling ``modules`` by name when by value cannot work (e.g. a
     function of theirs uses a module-level lock): as before, the workers then
     need to import them."""
@@ -78,8 +77,12 @@ def _by_reference_works(obj: Any, modules: list[str]) -> bool:
         _register(modules)  # by value is the way that can work once the user fixes it
         return False
     log.warning(
-        "modules %s cannot be pickled by value; the Ray workers must be able to import them",
+        "modules %s cannot be pickled by value (%s: %s); they are pickled by name, so every "
+        "Ray worker must be able to import them: install them on every node, or ship them "
+        "with actor_options={'runtime_env': {'py_modules': [...]}}",
         ", ".join(modules),
+        type(error).__name__,
+        error,
     )
     return True
 
@@ -90,19 +93,84 @@ def _by_reference_works(obj: Any, modules: list[str]) -> bool:
 def register_user_modules(*objs: Any) -> list[str]:
     """Register the not-installed modules that ``objs`` are made of to be pickled by value.
 
-    Walks functions (their closures, defaults and the globals they use),
-    ``functools.partial``, bound methods, classes (their bases and methods),
-    instances (their attributes, ``nn.Module`` children included) and containers.
-    Registers, with Ray's cloudpickle and plain ``cloudpickle``, every module met
-    that ``is_user_module``. Returns the names newly registered.
+    The pickler itself finds them: ``objs`` are pickled (into nothing) by a
+    cloudpickle pickler that notes the module of every class, function and module
+    it meets, whatever the size of the object graph (no walk that stops after some
+    number of objects). Every such module that ``is_user_module`` is registered,
+    with Ray's cloudpickle and plain ``cloudpickle``, and the objects are pickled
+    again: the functions and classes now pickled by value may use more modules
+    (their globals), until no new one appears. Returns the names newly registered.
     """
-    modules: set[str] = set()
-    walker = _ModuleWalker(modules)
-    for obj in objs:
-        walker.visit(obj)
-    new = sorted(m for m in modules if m not in _registered)
-    _register(new)
-    return new
+    new: set[str] = set()
+    while True:
+        found = set()
+        for obj in objs:
+            found |= _modules_pickled(obj)
+        fresh = sorted(
+            name
+            for name in found
+            if name not in _registered and name in sys.modules and is_user_module(name)
+        )
+        if not fresh:
+            return sorted(new)
+        _register(fresh)
+        new.update(fresh)
+
+
+def _modules_pickled(obj: Any) -> set[str]:
+    """The modules of the classes, functions and modules that pickling ``obj`` meets
+    (up to the first part that cannot be pickled, if any: ``check_picklable`` names it)."""
+    collector = _ModuleCollector(_Discard())
+    with contextlib.suppress(Exception):
+        collector.dump(obj)
+    return collector.modules
+
+
+class _Discard:
+    """A file that keeps nothing: the collector's pickles are not needed."""
+
+    def write(self, data) -> int:
+        return len(data)
+
+
+class _ModuleCollector(ray.cloudpickle.CloudPickler):
+    """A cloudpickle pickler that notes the module of every class, function and module.
+
+    Tensors and numeric arrays hold no code: their data is skipped (their class is
+    noted), so a large policy costs a walk of its objects, not a copy of its weights.
+    """
+
+    def __init__(self, file) -> None:
+        super().__init__(file)
+        self.modules: set[str] = set()
+        self._data_types = _data_types()
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, types.ModuleType):
+            self.modules.add(obj.__name__)
+        elif isinstance(obj, type | types.FunctionType):
+            self.modules.add(getattr(obj, "__module__", None) or "")
+        elif type(obj) in self._data_types and not _holds_objects(obj):
+            self.modules.add(type(obj).__module__)
+            return tuple, ()
+        return super().reducer_override(obj)
+
+
+def _holds_objects(array: Any) -> bool:
+    """A numpy array of Python objects (which may be the user's): walked, not skipped."""
+    return bool(getattr(getattr(array, "dtype", None), "hasobject", False))
+
+
+def _data_types() -> frozenset[type]:
+    """Exact types whose instances hold data only (a subclass may hold more: walked)."""
+    kinds: list[type] = []
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        kinds += [torch.Tensor, torch.nn.Parameter]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kinds.append(numpy.ndarray)
+    return frozenset(kinds)
 
 
 _registered: set[str] = set()
@@ -180,104 +248,6 @@ def _installed_roots() -> tuple[str, ...]:
 @functools.lru_cache(maxsize=1)
 def _distribution_packages() -> frozenset[str]:
     return frozenset(importlib.metadata.packages_distributions())
-
-
-class _ModuleWalker:
-    """Visits an object graph once and collects the user modules it is made of."""
-
-    def __init__(self, found: set[str]) -> None:
-        self.found = found
-        self.seen: set[int] = set()
-        self.budget = _WALK_BUDGET
-        self._leaves = _leaf_types()
-
-    def visit(self, obj: Any) -> None:
-        stack = [obj]
-        while stack and self.budget > 0:
-            item = stack.pop()
-            if id(item) in self.seen or isinstance(item, self._leaves):
-                continue
-            self.seen.add(id(item))
-            self.budget -= 1
-            stack.extend(self._children(item))
-
-    def _note(self, module_name: str | None) -> bool:
-        """Record ``module_name`` if it is the user's; True if its code must be walked."""
-        if not module_name:
-            return False
-        if is_user_module(module_name):
-            self.found.add(module_name)
-            return True
-        return module_name == "__main__"
-
-    def _children(self, obj: Any) -> list:
-        if isinstance(obj, dict):
-            return [*obj.keys(), *obj.values()]
-        if isinstance(obj, list | tuple | set | frozenset):
-            return list(obj)
-        if isinstance(obj, types.ModuleType):
-            self._note(obj.__name__)
-            return []
-        if isinstance(obj, functools.partial):
-            return [obj.func, *obj.args, *obj.keywords.values()]
-        if inspect.ismethod(obj):
-            return [obj.__func__, obj.__self__]
-        if isinstance(obj, types.FunctionType):
-            return self._function_parts(obj)
-        if isinstance(obj, type):
-            return self._class_parts(obj)
-        if isinstance(obj, staticmethod | classmethod):
-            return [obj.__func__]
-        if isinstance(obj, property):
-            return [obj.fget, obj.fset, obj.fdel]
-        children: list = [type(obj)]
-        state = getattr(obj, "__dict__", None)
-        if isinstance(state, dict):
-            children.append(state)
-        return children
-
-    def _function_parts(self, fn: types.FunctionType) -> list:
-        parts = [c.cell_contents for c in fn.__closure__ or () if _has_contents(c)]
-        parts.extend(fn.__defaults__ or ())
-        parts.extend((fn.__kwdefaults__ or {}).values())
-        if self._note(fn.__module__):
-            names = _global_names(fn.__code__)
-            parts.extend(fn.__globals__[n] for n in names if n in fn.__globals__)
-        return parts
-
-    def _class_parts(self, cls: type) -> list:
-        if not self._note(cls.__module__):
-            return []
-        return [*cls.__bases__, *vars(cls).values()]
-
-
-def _leaf_types() -> tuple[type, ...]:
-    """Types with nothing of the user's inside: skipped by the walk."""
-    leaves: list[type] = [str, bytes, bytearray, int, float, complex, bool, type(None), range]
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        leaves += [torch.Tensor, torch.dtype, torch.device, torch.Size]
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        leaves += [numpy.ndarray, numpy.generic, numpy.dtype]
-    return tuple(leaves)
-
-
-def _has_contents(cell) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018
-    except ValueError:  # an empty cell
-        return False
-    return True
-
-
-def _global_names(code: types.CodeType) -> set[str]:
-    """Names a code object (and the code nested in it) may read as globals."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_names(const)
-    return names
 
 
 # -- naming what cannot be pickled ------------------------------------------------------

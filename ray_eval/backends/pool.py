@@ -183,6 +183,11 @@ class WorkerPool:
             except RayTaskError as error:
                 raise remote_cause(error) from None
             except RayActorError as error:
+                if error.actor_init_failed:  # its constructor raised: Ray does not restart it
+                    raise WorkerStartupError(
+                        f"worker {index} failed in its constructor (not restarted). "
+                        f"Cause: {_death_cause(error)}"
+                    ) from None
                 raise WorkerStartupError(
                     f"worker {index} died while building its env and policy (its process "
                     f"exited; it was restarted up to max_restarts={self._config.max_restarts} "

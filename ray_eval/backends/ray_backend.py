@@ -75,6 +75,9 @@ class RayBackend:
             .remote(config, plan, config_blob, policy_blob)
         )
         self._pool_id = self._pool._actor_id.hex()
+        # The env state last put, and its ref: every request carries the evaluator's
+        # current env state, put once for all the requests that share it.
+        self._env_state: tuple[EnvState, ray.ObjectRef] | None = None
         self._worker_ids: list[str] = []
         # The pool bounds the workers' start by startup_timeout; this bounds the
         # pool's own start (a zero-CPU actor, so only a broken cluster delays it).
@@ -109,7 +112,9 @@ class RayBackend:
             # One put per evaluation; every worker gets this same ref.
             request.weights = [ray.put(payload)]
         if env_state is not None:
-            request.env_state = [ray.put(env_state)]
+            if self._env_state is None or self._env_state[0] is not env_state:
+                self._env_state = (env_state, ray.put(env_state))
+            request.env_state = [self._env_state[1]]
         return self._pool.evaluate.remote(request)
 
     @staticmethod

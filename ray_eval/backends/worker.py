@@ -57,6 +57,7 @@ class WorkerInfo:
     param_spec: ParamSpec
     rollouts: dict[str, str] = field(default_factory=dict)  # member -> loop used
     dumps_video: bool = False  # some env has a video transform to dump after each evaluation
+    env_parts: dict[str, Any] = field(default_factory=dict)  # member -> EnvParts (weights_dict)
 
 
 class EvalWorker:
@@ -67,9 +68,11 @@ class EvalWorker:
     Ray keeps restarting.
     """
 
-    def __init__(self, config: WorkerConfig, policy=None) -> None:
+    def __init__(
+        self, config: WorkerConfig | None, policy=None, *, failed: Exception | None = None
+    ) -> None:
         self._config = config
-        self._init_error: Exception | None = None
+        self._init_error: Exception | None = failed  # failed: what went wrong before the build
         self._loaded: object = None  # identity of the weights now in the policy
         self._targets: dict = {}
         self._initial: dict | None = None  # the built policy's weights, once overwritten
@@ -78,6 +81,8 @@ class EvalWorker:
         self._env_state: dict | None = None  # env parts' states to load (weights_dict)
         self._env_state_in: set[int] = set()  # ids of the env copies that have it
         self.rollouts: dict = {}
+        if failed is not None:
+            return
         try:
             self._build(config, policy)
         except Exception as error:
@@ -127,7 +132,7 @@ class EvalWorker:
             self._targets = module_params(self.policy)
 
     def describe(self) -> WorkerInfo:
-        from ray_eval.rollout.env_parts import video_dumpers
+        from ray_eval.rollout.env_parts import EnvParts, video_dumpers
 
         if self._init_error is not None:
             raise self._init_error
@@ -138,14 +143,21 @@ class EvalWorker:
             param_spec={k: (tuple(v.shape), str(v.dtype)) for k, v in self._targets.items()},
             rollouts={m: type(r).__name__ for m, r in self.rollouts.items()},
             dumps_video=any(video_dumpers(e) for e in self._env_copies()),
+            env_parts={member: _env_parts(r, EnvParts) for member, r in self.rollouts.items()},
         )
 
     def _env_copies(self) -> list:
         return [env for rollout in self.rollouts.values() for env in rollout._envs]
 
     def load_env_state(self, env_state: dict | None) -> None:
-        """Load env parts' states (``weights_dict``) into every env copy, now and later."""
-        if env_state is not None:
+        """Load env parts' states (``weights_dict``) into every env copy, now and later.
+
+        Every request carries the evaluator's current env state (``None``: it never
+        had any), so a worker that is new, restarted or replaced computes the same
+        numbers as one that saw every earlier request. The same state again loads
+        nothing.
+        """
+        if env_state is not None and env_state is not self._env_state:
             self._env_state, self._env_state_in = env_state, set()
 
     def _apply_env_state(self) -> None:
@@ -237,14 +249,21 @@ class RemoteWorker(EvalWorker):
         self._pool = pool
         self._startup_refs = ray.get(pool.startup_args.remote())
         config_blob, policy_blob = ray.get(self._startup_refs)
-        config = pickle.loads(config_blob)
         self._env_state_id = ""
         self._initial_ref: ray.ObjectRef | None = None  # the built weights, in the store
         self._from_blob = policy_blob is not None
-        if config.init_fn is not None:
-            config.init_fn()  # TorchRL's init_fn: before the env and policy are built
-        policy = pickle.loads(policy_blob) if policy_blob is not None else None
-        del config_blob, policy_blob
+        try:
+            config = _unpickle(config_blob, "the env factories and functions")
+            if config.init_fn is not None:
+                config.init_fn()  # TorchRL's init_fn: before the env and policy are built
+            policy = _unpickle(policy_blob, "the policy") if policy_blob is not None else None
+        except Exception as error:
+            # Kept for describe(), like a build error: a constructor that raises would
+            # read as a dead actor, and Ray does not restart one whose constructor failed.
+            super().__init__(None, failed=_startup_error(error))
+            return
+        finally:
+            del config_blob, policy_blob
         super().__init__(config, policy)
         release_store_pages()  # the pages of the pickled policy, read above
 
@@ -296,6 +315,8 @@ class RemoteWorker(EvalWorker):
     def run_chunk(
         self, chunk: Chunk, boxed_weights: list | None, boxed_env_state: list | None = None
     ) -> EpisodeBatch:
+        if self._init_error is not None:
+            raise self._init_error
         # The ref arrives boxed in a list so that Ray does not fetch it for every
         # chunk: a worker fetches and loads an evaluation's weights only once.
         loads, loaded_bytes = self.weights_loads, self.weights_loaded_bytes
@@ -331,16 +352,67 @@ def _node_id() -> str:
     return "local"
 
 
+def _env_parts(rollout, env_parts_type):
+    """What weights_dict may load into the env copies of ``rollout`` (``EnvParts``)."""
+    loop = type(rollout).__name__
+    if rollout._envs:
+        return env_parts_type.of(rollout._envs[0], loop)
+    spaces = getattr(rollout, "spaces", None)  # a native vector env: no per-slot copies
+    return env_parts_type(getattr(spaces, "name", "a native vector env"), loop, {})
+
+
 def _env_name(factory) -> str:
     return str(getattr(factory, "env_id", None) or getattr(factory, "__qualname__", factory))
 
 
+class _UnpicklingError(Exception):
+    """What the worker was unpickling when it failed (``what``), and why (the cause)."""
+
+    def __init__(self, what: str, cause: Exception) -> None:
+        super().__init__(what)
+        self.what, self.cause = what, cause
+
+
+def _unpickle(blob: bytes, what: str):
+    try:
+        return pickle.loads(blob)
+    except Exception as error:
+        raise _UnpicklingError(what, error) from error
+
+
 def _startup_error(error: Exception) -> Exception:
-    if isinstance(error, EnvError | TypeError | ValueError):
+    cause = error.cause if isinstance(error, _UnpicklingError) else error
+    if isinstance(cause, ImportError):
+        wrapped = WorkerStartupError(_import_problem(cause, error))
+    elif isinstance(error, EnvError | TypeError | ValueError):
         error.remote_traceback = "".join(traceback.format_exception(error))
         return error
-    wrapped = WorkerStartupError(
-        f"worker could not build its env or policy: {type(error).__name__}: {error}"
-    )
-    wrapped.remote_traceback = "".join(traceback.format_exception(error))
+    elif isinstance(error, _UnpicklingError):
+        wrapped = WorkerStartupError(
+            f"worker could not unpickle {error.what}: {type(cause).__name__}: {cause}"
+        )
+    else:
+        wrapped = WorkerStartupError(
+            f"worker could not build its env or policy: {type(error).__name__}: {error}"
+        )
+    wrapped.remote_traceback = "".join(traceback.format_exception(cause))
     return wrapped
+
+
+def _import_problem(cause: ImportError, error: Exception) -> str:
+    """The message for a module a worker cannot import: an import problem, not a crash."""
+    module = getattr(cause, "name", None) or "?"
+    doing = (
+        f"unpickle {error.what}"
+        if isinstance(error, _UnpicklingError)
+        else "build its env or policy"
+    )
+    return (
+        f"worker could not {doing}: module {module!r} cannot be imported on its node "
+        f"({type(cause).__name__}: {cause}). This is an import problem, not a crash: "
+        f"the worker was not restarted. ray_eval ships the modules of your code that are "
+        f"not installed by value, except those that cannot be pickled by value (a warning "
+        f"names them when the Evaluator is created); an installed module must be "
+        f"installed on every node. Install {module!r} there, or ship it with "
+        f"actor_options={{'runtime_env': {{'py_modules': [...]}}}}."
+    )

@@ -4,6 +4,9 @@
   as TorchRL's Evaluator does: evaluating must never update the statistics a
   trainer relies on. The trainer's current statistics reach the workers
   through ``weights_dict={"env.transform[0]": vecnorm}`` (see ``weights``).
+* What ``weights_dict`` may load into an env: its ``nn.Module`` parts by model
+  id (``EnvParts``), reported by each worker so that a request is checked at the
+  call, before anything is sent.
 * Video transforms (``VideoRecorder``, or any transform with a ``dump``) are
   dumped after each evaluation with its step (``dump_video=True``), by one env
   copy only, so each evaluation logs one video, as with TorchRL's single env.
@@ -16,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
 from torchrl.envs import Compose, Transform, TransformedEnv
 
 
@@ -78,3 +82,62 @@ def discard_videos(env) -> None:
     for transform in video_dumpers(env):
         if isinstance(getattr(transform, "obs", None), list):
             transform.obs = []
+
+
+# Model ids are paths below the env; no real env nests its parts deeper than this.
+MAX_PART_DEPTH = 32
+
+
+@dataclass(frozen=True)
+class EnvParts:
+    """What ``weights_dict`` can load into one env: its ``nn.Module`` parts.
+
+    ``parts`` maps each model id (``"env"``, ``"env.transform"``,
+    ``"env.transform[0]"``, ...) to the part's type name and state_dict keys.
+    Envs that are not ``nn.Module``s (gymnasium envs, native vector envs) have none.
+    """
+
+    env_type: str  # the env's type name, for messages
+    loop: str  # the rollout loop that runs it, for messages
+    parts: dict[str, tuple[str, tuple[str, ...]]]
+
+    @classmethod
+    def of(cls, env, loop: str) -> EnvParts:
+        return cls(type(env).__name__, loop, loadable_parts(env))
+
+
+def loadable_parts(env) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every ``nn.Module`` part of ``env`` by each model id that ``weights.resolve_part``
+    resolves to it: child modules (``.name``), the public property of a private child
+    (TorchRL's ``transform`` for ``_transform``), and items of ``Compose``,
+    ``ModuleList`` and ``Sequential`` (``[i]``); with its type and state_dict keys."""
+    if not isinstance(env, nn.Module):
+        return {}
+    found: dict[str, tuple[str, tuple[str, ...]]] = {}
+    stack = [("env", env, 0)]
+    while stack:
+        name, module, depth = stack.pop()
+        if name in found:
+            continue
+        found[name] = (type(module).__name__, tuple(module.state_dict().keys()))
+        if depth >= MAX_PART_DEPTH:
+            continue
+        for child_name, child in module.named_children():
+            stack.append((f"{name}.{child_name}", child, depth + 1))
+            public = child_name.lstrip("_")
+            if public != child_name and _is_property_for(module, public, child):
+                stack.append((f"{name}.{public}", child, depth + 1))
+        if isinstance(module, Compose | nn.ModuleList | nn.Sequential):
+            for index in range(len(module)):
+                stack.append((f"{name}[{index}]", module[index], depth + 1))
+    return found
+
+
+def _is_property_for(module: nn.Module, name: str, child: nn.Module) -> bool:
+    """True if ``module.name`` is a property that gives ``child``."""
+    if not isinstance(getattr(type(module), name, None), property):
+        return False
+    try:
+        return getattr(module, name) is child
+    except Exception:
+        return False
