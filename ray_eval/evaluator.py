@@ -146,9 +146,17 @@ class Evaluator:
         give (a ``concurrent.futures.Future`` in-process), or ``None`` when the
         request was skipped (``busy_policy="skip"``). The weights are copied
         before this returns: the trainer may change them right away.
+
+        In-process, a policy that uses torch's global random generator or
+        TorchRL's exploration type (both process-wide) is evaluated before this
+        returns, while the caller waits: see the README's "In-process" notes.
         """
         request = self._request(weights, weights_dict, step, sync=False)
-        return None if request is None else request.handle
+        if request is None:
+            return None
+        if self._backend.waits_for_caller:
+            self._backend.ready([request.handle], None)
+        return request.handle
 
     def _request(self, weights, weights_dict, step, *, sync: bool) -> Request | None:
         with self._submit_lock:

@@ -9,10 +9,17 @@ touched. Handles are ``concurrent.futures.Future``s.
 with ``EvaluationTimeout`` at once, and the stuck thread is abandoned (a daemon
 thread, so it never holds up interpreter exit, and it closes its own envs if it
 ever returns); the next evaluation runs on a fresh worker.
+
+The trainer's process state is left alone (see ``process_state``): a policy
+that uses neither torch's global generator nor TorchRL's exploration type runs
+on the background thread and sets neither; one that does runs while the thread
+that asked waits (``waits_for_caller``: ``trigger_eval`` returns once it is
+done), on state lent to it and handed back first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import queue
 import threading
@@ -21,11 +28,10 @@ import weakref
 from collections.abc import Sequence
 from concurrent.futures import CancelledError, Future
 
-import torch
-
+from ray_eval.backends.process_state import LentState, Probe, use_one_torch_thread_here
 from ray_eval.backends.worker import EvalWorker, WorkerConfig
 from ray_eval.errors import EvaluationCancelled, EvaluationTimeout
-from ray_eval.planning import EvalRequest, EvaluationPlan, RequestOrder
+from ray_eval.planning import Chunk, EvalRequest, EvaluationPlan, RequestOrder
 from ray_eval.results.metrics import EvalResult
 from ray_eval.weights import EnvState, Payload
 
@@ -40,8 +46,14 @@ class LocalBackend:
         # off the trainer's module. (A policy that cannot be copied, e.g. one
         # holding a lock, is used as it is: in-process needs no pickling.)
         self._policy = _copy_or_same(policy)
-        worker = self._new_worker()
+        # Built here, on the caller's thread, which may set process state: the first
+        # policy call shows whether evaluations need it (``waits_for_caller``).
+        worker = LocalWorker(self._worker_config, _copy_or_same(self._policy), probe=True)
         self.workers = [worker.describe()]
+        self.waits_for_caller = worker.touches_process_state
+        self._exploration = worker._exploration
+        if self._policy is None:  # built by policy_factory: replacements copy it, so that
+            self._policy = _copy_or_same(worker.policy)  # building draws no random numbers
         self.actor_ids: list[str] = []
         self._order = RequestOrder()
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -50,8 +62,9 @@ class LocalBackend:
         self._closed = False
         self._runner = _Runner(self, worker)
 
-    def _new_worker(self) -> EvalWorker:
-        return EvalWorker(self._worker_config, _copy_or_same(self._policy))
+    def _new_worker(self) -> LocalWorker:
+        """A replacement worker, built on the runner's thread."""
+        return LocalWorker(self._worker_config, _copy_or_same(self._policy), probe=False)
 
     def submit(
         self, request: EvalRequest, payload: Payload | None, env_state: EnvState | None = None
@@ -111,6 +124,8 @@ class LocalBackend:
             f"evaluation at step {step} did not finish within {self._plan.timeout:g} s "
             f"(in-process); its thread was abandoned and a fresh worker runs the next one"
         )
+        if runner.lent is not None:
+            runner.lent.hand_back()  # before the caller goes on; the stuck thread never will
         if self.settle(future, error=error) and not self._closed:
             runner.abandoned = True
             self._runner = _Runner(self, None)
@@ -141,11 +156,21 @@ class _Runner:
         self.backend = backend
         self.worker = worker
         self.abandoned = False
+        self.lent: LentState | None = None  # the caller's state, while lent to a request
+        self._started = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="ray-eval-local", daemon=True)
         self.thread.start()
+        # While its thread count is set (the process default changes for an instant),
+        # the thread that builds this runner waits: no thread of its own starts torch then.
+        self._started.wait()
 
     def _loop(self) -> None:
         backend = self.backend
+        try:
+            # One torch thread, as on a Ray worker: the same kernels, so the same bits.
+            use_one_torch_thread_here()
+        finally:
+            self._started.set()
         try:
             while not self.abandoned:
                 try:
@@ -173,39 +198,69 @@ class _Runner:
             watchdog = threading.Timer(plan.timeout, backend.time_out, (self, future, request.step))
             watchdog.daemon = True
             watchdog.start()
-        threads = torch.get_num_threads()
+        if backend.waits_for_caller:
+            self.lent = LentState(backend._exploration)
+        outcome: dict = {}
         try:
-            # One torch thread while the rollout runs, as on a Ray worker: the same
-            # kernels, so the same bits (this process's own count is restored after).
-            torch.set_num_threads(1)
-            if self.worker is None:
-                self.worker = backend._new_worker()
-            started = time.perf_counter()
-            weights, env_state = payload
-            worker = self.worker
-            loads, loaded_bytes = worker.weights_loads, worker.weights_loaded_bytes
-            worker.load_weights(weights, identity=("local", request.seq))
-            worker.load_env_state(env_state)
-            batches = []
-            for chunk in plan.chunks(request.step, 1):
-                if future.done():  # cancelled (or timed out) meanwhile: stop here
-                    return
-                batches.append(worker.run(chunk))
-            batches[0].weights_loads = worker.weights_loads - loads
-            batches[0].weights_loaded_bytes = worker.weights_loaded_bytes - loaded_bytes
-            result = plan.summarize(
-                batches, request.step, seconds=time.perf_counter() - started, worker_restarts=0
-            )
-            if plan.dump_video:
-                self.worker.dump_videos(request.step, list(plan.members))
+            outcome["result"] = self._evaluate(request, payload, future)
         except BaseException as error:
-            backend.settle(future, error=error)
-        else:
-            backend.settle(future, result=result)
+            outcome["error"] = error
         finally:
-            torch.set_num_threads(threads)
+            if self.lent is not None:
+                self.lent.hand_back()  # before the caller is told
             if watchdog is not None:
                 watchdog.cancel()
+            backend.settle(future, **outcome)
+
+    def _evaluate(
+        self, request: EvalRequest, payload: Payload | None, future: Future
+    ) -> EvalResult | None:
+        backend, plan = self.backend, self.backend._plan
+        if self.worker is None:
+            self.worker = backend._new_worker()
+        started = time.perf_counter()
+        weights, env_state = payload
+        worker = self.worker
+        worker.lent = self.lent
+        loads, loaded_bytes = worker.weights_loads, worker.weights_loaded_bytes
+        worker.load_weights(weights, identity=("local", request.seq))
+        worker.load_env_state(env_state)
+        batches = []
+        for chunk in plan.chunks(request.step, 1):
+            if future.done():  # cancelled (or timed out) meanwhile: stop here
+                return None
+            batches.append(worker.run(chunk))
+        batches[0].weights_loads = worker.weights_loads - loads
+        batches[0].weights_loaded_bytes = worker.weights_loaded_bytes - loaded_bytes
+        result = plan.summarize(
+            batches, request.step, seconds=time.perf_counter() - started, worker_restarts=0
+        )
+        if plan.dump_video:
+            worker.dump_videos(request.step, list(plan.members))
+        return result
+
+
+class LocalWorker(EvalWorker):
+    """A worker in the trainer's process: it sets no process state of its own.
+
+    ``probe``: built on the caller's thread, which may set process state for the
+    first policy call and see what it touched. A replacement, built on the
+    runner's thread, does not. ``lent``: the caller's state, while lent to this
+    worker's evaluation; chunks then seed torch's generator as a Ray worker does.
+    """
+
+    def __init__(self, config: WorkerConfig, policy, *, probe: bool) -> None:
+        self._probe = probe
+        self.lent: LentState | None = None
+        super().__init__(config, policy)
+
+    def _probing(self):
+        return super()._probing() if self._probe else contextlib.nullcontext(Probe())
+
+    def _chunk_state(self, chunk: Chunk):
+        if self.lent is not None:
+            self.lent.seed(int(chunk.seeds[0]))
+        return contextlib.nullcontext()
 
 
 def _copy_or_same(policy):

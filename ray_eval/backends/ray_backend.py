@@ -40,6 +40,8 @@ from ray_eval.weights import EnvState, Payload
 class RayBackend:
     """Evaluations on a ``WorkerPool`` actor and its workers."""
 
+    waits_for_caller = False  # the workers' process state is their own (see LocalBackend)
+
     def __init__(
         self, config: PoolConfig, plan: EvaluationPlan, worker_config: WorkerConfig, policy
     ) -> None:

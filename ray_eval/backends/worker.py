@@ -81,6 +81,9 @@ class EvalWorker:
         self._env_state: dict | None = None  # env parts' states to load (weights_dict)
         self._env_state_in: set[int] = set()  # ids of the env copies that have it
         self.rollouts: dict = {}
+        # The policy (or env) drew from torch's generator or read TorchRL's exploration
+        # type in its first call: see process_state (what in-process evaluation may touch).
+        self.touches_process_state = False
         if failed is not None:
             return
         try:
@@ -90,7 +93,7 @@ class EvalWorker:
 
     def _build(self, config: WorkerConfig, policy) -> None:
         import torch
-        from torchrl.envs.utils import ExplorationType, set_exploration_type
+        from torchrl.envs.utils import ExplorationType
 
         from ray_eval.results.video import check_renders
         from ray_eval.rollout.adapters import build_env, check_action, make_rollout
@@ -101,7 +104,6 @@ class EvalWorker:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self._exploration = ExplorationType[config.exploration_type]
-        self._set_exploration = set_exploration_type
         self.device = torch.device(config.device or _assigned_device())
         self.policy = None
         for member, factory in config.env_factories.items():
@@ -123,8 +125,9 @@ class EvalWorker:
                 record_trajectories=config.record_trajectories,
                 reward_keys=config.reward_keys,
             )
-            with torch.no_grad(), set_exploration_type(self._exploration):
+            with torch.no_grad(), self._probing() as probe:
                 check_action(rollout, member or _env_name(factory))
+            self.touches_process_state |= probe.touched
             if config.render:
                 check_renders(env, member or _env_name(factory))
             self.rollouts[member] = rollout
@@ -223,13 +226,23 @@ class EvalWorker:
             rollout = self.rollouts[chunk.member]
             rollout._env_copies(min(len(chunk), rollout.batch_size))
             self._apply_env_state()
-        # A stochastic policy draws from torch's global generator: seed it from the
-        # chunk, on a forked generator so the caller's own random state (the
-        # trainer's, in-process) is left as it was.
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(int(chunk.seeds[0]))
-            with self._set_exploration(self._exploration):
-                return self.rollouts[chunk.member].run(chunk)
+        with torch.no_grad(), self._chunk_state(chunk):
+            return self.rollouts[chunk.member].run(chunk)
+
+    def _probing(self):
+        """Around the first policy call: the exploration type set, and a probe of
+        what the call touched (``process_state.probed``)."""
+        from ray_eval.backends.process_state import probed
+
+        return probed(self._exploration)
+
+    def _chunk_state(self, chunk: Chunk):
+        """Around a chunk: a stochastic policy draws from torch's global generator,
+        so it is seeded from the chunk, and the exploration type set; both restored
+        after (``process_state.seeded``; the in-process worker overrides this)."""
+        from ray_eval.backends.process_state import seeded
+
+        return seeded(int(chunk.seeds[0]), self._exploration)
 
     def close(self) -> None:
         for rollout in self.rollouts.values():
