@@ -21,7 +21,7 @@ from torchrl.envs import RewardScaling
 
 import tests.torchrl_parts as parts
 from ray_eval import EvaluationTimeout, Evaluator
-from tests.checks import small_policy
+from tests.checks import small_policy, wait_no_evaluator_threads
 
 PLAN = {"num_trajectories": 8, "envs_per_worker": 4, "seed": 4}
 SCALED = {"env.transform": RewardScaling(0.0, 100.0)}  # rewards x100
@@ -68,13 +68,18 @@ def test_env_state_reaches_the_fresh_worker_that_replaces_a_timed_out_one(tmp_pa
     that runs the next request gets the scale from that request."""
     expected = reference(step=2)
     env = functools.partial(
-        parts.scaled_seed_length_env, hang_file=str(tmp_path / "hang"), fault_step=1
+        parts.scaled_seed_length_env,
+        hang_file=str(tmp_path / "hang"),
+        fault_step=1,
+        hang_seconds=6.0,  # the abandoned thread ends, and closes its envs, soon after
     )
     with Evaluator(env, small_policy(), num_workers=0, timeout=3.0, **PLAN) as evaluator:
         with pytest.raises(EvaluationTimeout):
             evaluator.evaluate(weights_dict=SCALED, step=0)
         after = evaluator.evaluate(step=2)
     assert_same_returns(after, expected)
+    # No thread is left behind for the tests that run next in this process.
+    assert not wait_no_evaluator_threads(timeout=15)
 
 
 @pytest.mark.parametrize(
