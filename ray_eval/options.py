@@ -158,6 +158,7 @@ def build_configs(
         init_fn=a["init_fn"],
         record_trajectories=a["metrics_fn"] is not None,
         reward_keys=a["reward_keys"],
+        done_keys=a["done_keys"],
     )
     plan = EvaluationPlan(
         members={name: a["num_trajectories"] for name in factories},
