@@ -36,6 +36,9 @@ class WorkerConfig:
     # Env slots per suite member, which is the policy's batch: envs_per_worker, or
     # the member's episode count if smaller (see ``slots_for``).
     slots: dict[str, int] = field(default_factory=dict)
+    # slots of a member found to be a native vector env when built (its factory returned
+    # a gymnasium VectorEnv): what envs_per_worker gives vector envs
+    vector_slots: int = 64
     max_steps: int | None = None
     fast_path: bool = True
     device: str | None = None  # None: the GPU Ray assigned, else the CPU
@@ -125,7 +128,9 @@ class EvalWorker:
                 FrozenNormalization(factory),
                 env,
                 self.policy,
-                batch_size=config.slots.get(member, config.envs_per_worker),
+                batch_size=config.vector_slots
+                if member in self._found_vector
+                else config.slots.get(member, config.envs_per_worker),
                 max_steps=config.max_steps,
                 device=self.device,
                 fast_path=config.fast_path,
@@ -238,7 +243,7 @@ class EvalWorker:
             raise self._init_error
         if self._env_state is not None:
             rollout = self.rollouts[chunk.member]
-            rollout._env_copies(min(len(chunk), rollout.batch_size))
+            rollout._env_copies(rollout.copies_for(chunk))
             self._apply_env_state()
         with torch.no_grad(), self._chunk_state(chunk):
             return self.rollouts[chunk.member].run(chunk)

@@ -367,8 +367,13 @@ def batched_rollout(
             raise TypeError(f"policy must be callable, got {type(policy).__name__}")
         (obs_key,), (action_key,) = obs_keys, action_keys
 
+        spec = env.full_action_spec[action_key]
+
         def call(td):
-            return td.set(action_key, policy(td.get(obs_key).to(device)).cpu())
+            actions = policy(td.get(obs_key).to(device)).cpu()
+            if tuple(actions.shape[:1]) != tuple(td.batch_size):
+                _check_action_tensor(actions, spec, action_key, name, ())  # raises, saying why
+            return td.set(action_key, actions)
 
     def act(td):
         td = call(td)

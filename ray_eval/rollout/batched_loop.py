@@ -92,6 +92,9 @@ class BatchedRollout:
     def _env_copies(self, count: int) -> list:
         return self._envs
 
+    def copies_for(self, chunk: Chunk) -> int:
+        return 1
+
     def close(self) -> None:
         if not self._env.is_closed:
             _close_quietly(self._env)

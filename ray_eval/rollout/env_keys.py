@@ -90,22 +90,19 @@ class EnvKeys:
                 dones = dones or tuple(own)
         else:
             dones = tuple(under_next(k) for k in key_list(done_keys))
+        own_rewards = [as_key(k) for k in env.full_reward_spec.keys(True, True)]
         # a reward may also be an observation a transform adds (RewardSum's episode_reward)
-        known_rewards = {
-            as_key(k)
-            for spec in (env.full_reward_spec, env.observation_spec)
-            for k in spec.keys(True, True)
-        }
+        known_rewards = {*own_rewards, *(as_key(k) for k in env.observation_spec.keys(True, True))}
         for key in rewards:
             if key not in known_rewards:
-                raise KeyError(
+                raise ValueError(
                     f"reward_keys: the env has no reward key {('next', *_tuple(key))!r}; "
-                    f"its reward keys are {sorted(('next', *_tuple(k)) for k in known_rewards)}"
+                    f"its reward keys are {sorted(('next', *_tuple(k)) for k in own_rewards)}"
                 )
         known_dones = {as_key(k) for k in env.full_done_spec.keys(True, True)}
         for key in dones:
             if key not in known_dones:
-                raise KeyError(
+                raise ValueError(
                     f"done_keys: the env has no done key {('next', *_tuple(key))!r}; "
                     f"its done keys are {sorted(('next', *_tuple(k)) for k in known_dones)}"
                 )

@@ -120,6 +120,10 @@ class _EnvSlots:
     def _adopt(self, env) -> None:
         """Prepare a new env copy (the first one is prepared by ``_setup``)."""
 
+    def copies_for(self, chunk: Chunk) -> int:
+        """How many env copies the chunk needs."""
+        return min(len(chunk), self.batch_size)
+
     def _env_copies(self, count: int) -> list:
         while len(self._envs) < count:
             env = self._make_env()
@@ -292,6 +296,18 @@ class TorchRLRollout(_EnvSlots):
     def _adopt(self, env) -> None:
         self._taps.append(attach_info_tap(env))
 
+    def first_rows(self, chunk: Chunk) -> list[int]:
+        """The batch rows of the chunk's first episodes: episode ``i`` starts in row
+        ``i % batch_size``, the row it has in-process, so that its actions are computed
+        in the same row of the same batch on any number of workers (a policy's output
+        rows may differ in their last bits from one row to another)."""
+        first = min(len(chunk), self.batch_size)
+        return [int(i) % self.batch_size for i in chunk.indices[:first]]
+
+    def copies_for(self, chunk: Chunk) -> int:
+        """How many env copies the chunk needs: one per row up to its highest."""
+        return max(self.first_rows(chunk)) + 1
+
     def close(self) -> None:
         for env in self._envs:
             if not env.is_closed:
@@ -300,7 +316,8 @@ class TorchRLRollout(_EnvSlots):
     def run(self, chunk: Chunk) -> EpisodeBatch:
         started = time.perf_counter()
         log = _EpisodeLog(chunk, self._info_keys)
-        envs = self._env_copies(min(len(chunk), self.batch_size))
+        rows = self.first_rows(chunk)
+        envs = self._env_copies(self.copies_for(chunk))
         taps = self._taps
         keys = self._observation_keys
         max_steps = self._max_steps
@@ -338,7 +355,7 @@ class TorchRLRollout(_EnvSlots):
             except Exception as error:
                 raise log.fail(error, i) from None
 
-        active = list(range(min(len(chunk), self.batch_size)))
+        active = rows
         for slot in active:
             start(slot)
         while active:
