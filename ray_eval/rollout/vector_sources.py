@@ -107,9 +107,11 @@ class VectorFactory(VectorSource):
 
     @property
     def seeds_at_creation(self) -> bool:  # type: ignore[override]
+        """Does ``factory`` take a ``seed`` (the env is seeded when built, as EnvPool)?"""
         return takes(self.factory, "seed")
 
     def make(self, num_envs: int, seed: int, max_steps: int | None = None):
+        """``factory(num_envs=num_envs[, seed=seed])``: one vector env of ``num_envs`` slots."""
         if self.seeds_at_creation:
             return self.factory(num_envs=num_envs, seed=seed)
         return self.factory(num_envs=num_envs)
