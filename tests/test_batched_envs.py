@@ -124,18 +124,24 @@ def constant_action(obs: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("partial", "max_steps"),
-    [(True, None), (True, 2), (False, None)],
-    ids=["reset-mask", "reset-mask-max-steps", "reset-all-together"],
+    ("partial", "max_steps", "cut_resets"),
+    [(True, None, True), (True, 2, True), (True, 2, False), (False, None, True)],
+    ids=["reset-mask", "max-steps-resets-the-element", "max-steps-waits", "reset-all-together"],
 )
-def test_each_element_counts_its_first_episodes_whatever_their_length(partial, max_steps):
+def test_each_element_counts_its_first_episodes_whatever_their_length(
+    partial, max_steps, cut_resets
+):
     # 14 episodes on 4 elements: elements 0-1 run 4 episodes, elements 2-3 run 3. Half the
     # episodes last LONG steps: counting the first 14 to end would take mostly short ones.
-    # max_steps=2 cuts an element's episode and resets that element alone (its _reset mask).
+    # max_steps=2 cuts an element's episode and resets that element alone (its _reset mask),
+    # or, for an env that cannot restart one element (GymEnv's num_envs batch), steps it
+    # uncounted until the env ends that episode: the same episodes count either way here.
     env = functools.partial(CountdownBatchEnv, 4, partial)
     chunk = chunk_of(14)
     policy = TensorDictModule(constant_action, in_keys=["observation"], out_keys=["action"])
-    batch = worker(env, policy, max_steps).run(chunk)
+    built = worker(env, policy, max_steps)
+    built.rollouts[""]._resets_elements = cut_resets
+    batch = built.run(chunk)
     lengths = expected_lengths(chunk_seed(chunk), 4, 4, partial)
     expected = np.array([lengths[p % 4, p // 4] for p in range(14)])
     if max_steps is not None:

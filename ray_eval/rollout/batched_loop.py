@@ -22,7 +22,10 @@ under the same contract:
   those elements, and one whose elements all end together (VMAS with its
   ``max_steps``), both count exactly. ``max_steps`` cuts an element's episode:
   it counts as ended there and that element alone is reset (a ``_reset`` mask
-  with only it set), as TorchRL's ``StepCounter`` truncation does.
+  with only it set), as TorchRL's ``StepCounter`` truncation does. An env that
+  cannot restart one element on request (``GymEnv(..., num_envs=N)``, whose
+  gymnasium vector env resets its slots itself) steps the cut element,
+  uncounted, until it ends that episode by itself, as native vector envs do.
 
 Returns are summed over reward keys, agents and steps (``env_keys``); each
 agent group's per-agent returns are kept too (``EpisodeBatch.agent_returns``).
@@ -62,6 +65,18 @@ def check_batch(env, name: str) -> int:
     return int(env.batch_size[0])
 
 
+def autoresets_itself(env) -> bool:
+    """An env that resets its elements by itself when they end and cannot restart one on
+    request (``GymEnv(..., num_envs=N)``: gymnasium's vector env under TorchRL's
+    ``VecGymEnvTransform``). A ``max_steps`` cut there waits, uncounted, for the env to end
+    the element's episode, as on native vector envs."""
+    from torchrl.envs import VecGymEnvTransform
+
+    from ray_eval.rollout.env_parts import transforms
+
+    return any(isinstance(t, VecGymEnvTransform) for t in transforms(env))
+
+
 class BatchedRollout:
     """Chunks of episodes on one batched TorchRL env (see the module's docstring).
 
@@ -88,6 +103,7 @@ class BatchedRollout:
         self._reset = seeded_reset(env)
         self._reset_keys = list(env.reset_keys)
         self._done_leaves = set(env.full_done_spec.keys(True, True))
+        self._resets_elements = not autoresets_itself(env)
 
     def _env_copies(self, count: int) -> list:
         return self._envs
@@ -139,6 +155,7 @@ class BatchedRollout:
         info_sums = {key: np.zeros(n) for key in self._info_keys}
         info_seen = {key: np.zeros(n, dtype=bool) for key in self._info_keys}
         max_steps = self._max_steps
+        waiting = np.zeros(n, dtype=bool)  # cut by max_steps, stepped until the env ends it
         remaining = num_episodes
         while remaining:
             try:
@@ -150,15 +167,20 @@ class BatchedRollout:
             except Exception as error:
                 raise log.fail(error, _first_open(finished, quota, n)) from None
             nxt = stepped.get("next")
-            returns += keys.step_rewards(nxt, n).numpy()
+            ended = keys.episode_ends(nxt, n).numpy()
+            inside = ~waiting  # steps of an episode that max_steps cut belong to none
+            returns += np.where(inside, keys.step_rewards(nxt, n).numpy(), 0.0)
             for name, rewards in keys.agent_rewards(nxt, n).items():
-                groups[name] += rewards.numpy()
-            lengths += 1
+                groups[name] += np.where(inside[:, None], rewards.numpy(), 0.0)
+            lengths += inside
             for key in self._info_keys:
                 if key in nxt.keys(True):
-                    info_sums[key] += nxt.get(key).reshape(n, -1).double().mean(-1).numpy()
-                    info_seen[key] |= True
-            ended = keys.episode_ends(nxt, n).numpy()
+                    values = nxt.get(key).reshape(n, -1).double().mean(-1).numpy()
+                    info_sums[key] += np.where(inside, values, 0.0)
+                    info_seen[key] |= inside
+            if waiting.any():
+                waiting &= ~ended  # the env ended the cut episode: the next one counts
+                ended = ended & inside
             cut = (lengths >= max_steps) & ~ended
             over = ended | cut
             if over.any():
@@ -187,10 +209,13 @@ class BatchedRollout:
                     info_sums[key][slots] = 0.0
                     info_seen[key][slots] = False
             if remaining and cut.any():
-                try:
-                    following = self._reset_elements(following, cut)
-                except Exception as error:
-                    raise log.fail(error, _first_open(finished, quota, n)) from None
+                if not self._resets_elements:
+                    waiting |= cut
+                else:
+                    try:
+                        following = self._reset_elements(following, cut)
+                    except Exception as error:
+                        raise log.fail(error, _first_open(finished, quota, n)) from None
             td = following
         return log.batch(time.perf_counter() - started)
 
