@@ -322,6 +322,7 @@ def sweep(args) -> int:
                     num_workers=WORKERS,
                     num_trajectories=episodes,
                     envs_per_worker=size,
+                    startup_timeout=600,  # a loaded machine starts workers slowly
                 ) as evaluator,
                 torch.no_grad(),
             ):
