@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
 
     import functools
+    from importlib.metadata import version
 
     import torchrl
-    import vmas
 
     from ray_eval import Evaluator
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"python {sys.version.split()[0]}, torch {torch.__version__}, torchrl "
-        f"{torchrl.__version__}, vmas {vmas.__version__}, ray {ray.__version__}"
+        f"{torchrl.__version__}, vmas {version('vmas')}, ray {ray.__version__}"
     )
     factory = functools.partial(make_env, num_envs)
     start_ray()
