@@ -1,7 +1,7 @@
 """VMAS navigation (3 agents, a batched env) through ray_eval, beside one-process TorchRL loops.
 
-    python benchmarks/vmas.py            # a few minutes on 2 cores
-    python benchmarks/vmas.py --quick    # a smoke run
+    python benchmarks/vmas_navigation.py            # a few minutes on 2 cores
+    python benchmarks/vmas_navigation.py --quick    # a smoke run
 
 The workload is the TorchRL multi-agent PPO tutorial's: ``VmasEnv("navigation",
 n_agents=3, num_envs=--num-envs, max_steps=100)`` with its ``RewardSum``, and a
@@ -17,6 +17,9 @@ side in one run:
   torch thread (as each worker has);
 * TorchRL's own ``Evaluator`` (thread backend) on the same factory and policy, with
   ``reward_keys=("next", "agents", "reward")``.
+
+(Not ``vmas.py``: a script of that name would shadow the ``vmas`` package for itself and
+for the Ray workers, which put the driver's directory on their path.)
 
 Steps are element steps (one step of one batch element, i.e. of 3 agents). Each
 figure is the median over ``--repeats`` runs after a warm-up, the runners taking
