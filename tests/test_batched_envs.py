@@ -243,3 +243,25 @@ def test_wrong_actions_for_a_batched_env_name_the_key_and_shape():
 
     with pytest.raises(ActionMismatchError, match=r"shape \(2,\).*expects shape \(4,\)"):
         Evaluator(CountdownBatchEnv, wrong, num_workers=0, num_trajectories=4)
+
+
+def gym_vector(num_envs: int = 4):
+    """A gymnasium vector factory whose num_envs has a default: what it returns decides."""
+    import gymnasium as gym
+
+    return gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="vector_entry_point")
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["VectorFactory", "by-what-it-returns"])
+def test_a_gymnasium_vector_factory_is_one_marked_or_by_what_it_returns(marked):
+    from ray_eval import VectorFactory
+
+    env = VectorFactory(gym_vector) if marked else gym_vector
+    policy = nn.Sequential(nn.Linear(4, 2))
+    with Evaluator(env, policy, num_workers=0, num_trajectories=16, seed=2) as ev:
+        worker = ev._backend.workers[0]
+        assert worker.rollouts == {"": "VectorRollout"}
+        result = ev.evaluate(step=0)
+    assert result["eval/num_episodes"] == 16
+    # the default batch for 16 episodes: 64 slots at most, the episodes if fewer
+    assert result.episodes.lengths.min() >= 8
