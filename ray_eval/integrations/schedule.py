@@ -217,6 +217,8 @@ class EvalSchedule:
     # -- state -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """The next evaluation point, the stop decision, the evaluator's and the pieces'
+        state: what a resumed run needs (results still pending are not in it)."""
         state: dict[str, Any] = {
             "next_due": self.next_due,
             "should_stop": self.should_stop,
@@ -231,6 +233,7 @@ class EvalSchedule:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` saved."""
         self.next_due = int(state.get("next_due", self.next_due))
         self.should_stop = bool(state.get("should_stop", False))
         self.stop_reason = state.get("stop_reason")
