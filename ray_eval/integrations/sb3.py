@@ -48,7 +48,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, EventCallback
 from stable_baselines3.common.callbacks import EvalCallback as SB3EvalCallback
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor, is_vecenv_wrapped
@@ -132,6 +132,22 @@ class EvalCallback(SB3EvalCallback):
         self._kept: dict[int, tuple[dict, bytes | None]] = {}  # step -> what it evaluated
 
     # -- lifecycle -------------------------------------------------------------------
+
+    def _init_callback(self) -> None:
+        super()._init_callback()
+        # SB3's EventCallback (EveryNTimesteps, ...) passes on_step to its child but not
+        # on_training_end: the evaluations still running at the end of learn() would be
+        # left unhandled and the workers running. Chain ours to the parent's end.
+        parent = self.parent
+        if isinstance(parent, EventCallback) and not getattr(parent, "_ray_eval_chained", False):
+            parent_end = parent._on_training_end
+
+            def _on_training_end() -> None:
+                parent_end()
+                self.on_training_end()  # idempotent: nothing left if the parent passed it on
+
+            parent._on_training_end = _on_training_end
+            parent._ray_eval_chained = True
 
     def _start_evaluator(self) -> None:
         from ray_eval.evaluator import Evaluator
