@@ -9,7 +9,8 @@ runs ``--episodes`` episodes of 1,000 steps, in two cases:
 * ``fast``: the plain env (evaluation costs CPU time only);
 * ``slow``: the same env, each evaluation step ``--slow-ms`` ms longer (a
   ``time.sleep``: a slow simulator, a remote env, rendering), so an evaluation
-  takes seconds whoever runs it.
+  takes seconds whoever runs it; ray_eval runs it on ``--slow-workers`` workers
+  (sleeping steps need no more CPU), SB3 on its one eval env.
 
 The runs are interleaved, round after round (``--repeats``), so a drift in the
 machine's load touches every one alike. The table gives the median of the
@@ -95,6 +96,12 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=1, help="ray_eval workers (1 leaves a core to training on 2)"
     )
+    parser.add_argument(
+        "--slow-workers",
+        type=int,
+        default=2,
+        help="ray_eval workers in the slow case (its steps sleep: more workers need no more CPU)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     start_ray()
@@ -107,11 +114,12 @@ def main() -> None:
         runners[f"SB3 EvalCallback (blocking), {case} eval"] = lambda case=case: train(
             args.algo, args.timesteps, SB3EvalCallback(eval_env(case, args.slow_ms), **common)
         )
-        runners[f"ray_eval EvalCallback (async, {args.workers} worker), {case} eval"] = (
-            lambda case=case: train(
+        workers = args.slow_workers if case == "slow" else args.workers
+        runners[f"ray_eval EvalCallback (async, {workers} worker(s)), {case} eval"] = (
+            lambda case=case, workers=workers: train(
                 args.algo,
                 args.timesteps,
-                RayEvalCallback(eval_env(case, args.slow_ms), num_workers=args.workers, **common),
+                RayEvalCallback(eval_env(case, args.slow_ms), num_workers=workers, **common),
             )
         )
     runs: dict[str, list[dict]] = {name: [] for name in runners}
