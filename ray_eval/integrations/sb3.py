@@ -30,7 +30,9 @@ the ``eval/mean_reward`` log). What changes:
   so SB3's ``StopTrainingOnRewardThreshold`` stops on it.
 
 The workers start at the first evaluation of each ``learn()`` (waiting up to 300 s
-for them: ``evaluator_kwargs={"startup_timeout": ...}``) and stop at its end.
+for them: ``evaluator_kwargs={"startup_timeout": ...}``) and stop at its end, where
+the evaluations still running are waited for and handled (also under an
+``EventCallback`` such as ``EveryNTimesteps``, which SB3 does not pass the end to).
 
 Not supported: ``render=True`` (the workers have no screen), eval envs other
 than a gymnasium env or a ``DummyVecEnv`` under ``VecNormalize``/``VecMonitor``,
