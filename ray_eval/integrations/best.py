@@ -229,9 +229,11 @@ class KeepBest:
         }
 
     def state_dict(self) -> dict[str, Any]:
+        """The best value and step so far (the checkpoint itself stays on disk)."""
         return {"best_value": self.best_value, "best_step": self.best_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` saved."""
         self.best_value = state.get("best_value")
         self.best_step = state.get("best_step")
 
