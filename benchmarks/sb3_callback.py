@@ -21,7 +21,7 @@ each median against the run without evaluation.
 
 Needs the envs and sb3 extras:  pip install -e ".[envs,sb3]"
 Run:  python benchmarks/sb3_callback.py [--algo ppo|sac] [--timesteps 8192] [--repeats 3]
-The default run takes about 6 minutes on 2 cores.
+The default run took 15 minutes on 2 cores shared with other jobs (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--algo", choices=("ppo", "sac"), default="ppo")
     parser.add_argument("--timesteps", type=int, default=8_192)
-    parser.add_argument("--eval-freq", type=int, default=2_048)
-    parser.add_argument("--episodes", type=int, default=5, help="episodes per evaluation")
+    parser.add_argument("--eval-freq", type=int, default=1_024)
+    parser.add_argument("--episodes", type=int, default=2, help="episodes per evaluation")
     parser.add_argument(
-        "--slow-ms", type=float, default=1.0, help="extra ms per evaluation step, 'slow' case"
+        "--slow-ms", type=float, default=2.0, help="extra ms per evaluation step, 'slow' case"
     )
     parser.add_argument("--cases", nargs="+", choices=("fast", "slow"), default=["fast", "slow"])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")

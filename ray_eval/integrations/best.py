@@ -195,8 +195,9 @@ class KeepBest:
         os.replace(tmp, target)
 
     def _remove_others(self, keep: Path) -> None:
+        # by name: TorchRL returns the saved path absolute, the directory may be relative
         for other in self.directory.iterdir():
-            if other != keep and _NAME.match(other.name) and other.is_dir():
+            if other.name != keep.name and _NAME.match(other.name) and other.is_dir():
                 shutil.rmtree(other, ignore_errors=True)
 
     def _resume(self) -> None:
