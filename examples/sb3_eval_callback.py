@@ -12,7 +12,7 @@ own ``evaluate_policy`` on the evaluation's seeds: the same returns, episode by
 episode (SB3 issue #1556 is what happens without the statistics).
 
 Needs the sb3 extra:  pip install -e ".[sb3]"
-Run:  python examples/sb3_eval_callback.py [--timesteps 60000] [--out outputs/sb3]
+Run:  python examples/sb3_eval_callback.py [--timesteps 30000] [--out outputs/sb3]
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def make_env() -> gym.Env:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--timesteps", type=int, default=60_000)
-    parser.add_argument("--eval-freq", type=int, default=4_096)
-    parser.add_argument("--episodes", type=int, default=20, help="episodes per evaluation")
+    parser.add_argument("--timesteps", type=int, default=30_000)
+    parser.add_argument("--eval-freq", type=int, default=5_000)
+    parser.add_argument("--episodes", type=int, default=10, help="episodes per evaluation")
     parser.add_argument(
         "--workers", type=int, default=None, help="Ray workers (default: free CPUs)"
     )

@@ -11,7 +11,7 @@ lower bound of the reward's 95% interval reaches ``--target``. TorchRL's own
 
 At the end the best checkpoint is reloaded and evaluated again: the same number.
 
-Run:  python examples/torchrl_trainer.py [--frames 20000] [--out outputs/torchrl_trainer]
+Run:  python examples/torchrl_trainer.py [--frames 10000] [--out outputs/torchrl_trainer]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def make_actor() -> ProbabilisticActor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--frames", type=int, default=20_000)
+    parser.add_argument("--frames", type=int, default=10_000)
     parser.add_argument("--interval", type=int, default=2_000, help="frames between evaluations")
     parser.add_argument("--episodes", type=int, default=16, help="episodes per evaluation")
     parser.add_argument(
@@ -78,7 +78,11 @@ def main() -> None:
     )
     loss = A2CLoss(actor, critic, entropy_coeff=1e-3)
     evaluator = Evaluator(
-        make_env, make_actor(), num_workers=args.workers, num_trajectories=args.episodes
+        make_env,
+        make_actor(),
+        num_workers=args.workers,
+        num_trajectories=args.episodes,
+        startup_timeout=300,  # a busy machine starts workers slowly: wait rather than fail
     )
     hook = RayEvalHook(
         evaluator,

@@ -261,6 +261,37 @@ def test_schedule_keeps_the_weights_evaluated_not_the_later_ones(slow_evaluator,
     assert again["eval/reward"] == best.value
 
 
+def test_keep_best_in_a_relative_directory_keeps_the_new_best(tmp_path, monkeypatch):
+    """A relative directory (the examples' default): the new best survives the removal of
+    the old one."""
+    monkeypatch.chdir(tmp_path)
+    keep = KeepBest("runs/best", "reward")
+    for step, reward in ((1, 0.0), (2, 1.0)):
+        assert keep.update(
+            {"eval/reward": reward, "eval/step": step}, {"w": torch.full((2,), step)}
+        )
+    best = load_best("runs/best")
+    assert best.step == 2 and torch.equal(best.weights["w"], torch.full((2,), 2))
+    assert [p.name for p in (tmp_path / "runs/best").iterdir() if p.is_dir()] == [best.path.name]
+
+
+def test_finish_reads_results_that_arrived_unread():
+    """Results that arrived after the last step() and wait unread (no longer pending) are
+    handled by finish(): the last evaluations of a run are not lost (in-process, async)."""
+    with Evaluator(
+        envs.SuccessInfoEnv, small_policy(), num_workers=0, num_trajectories=2, busy_policy="queue"
+    ) as ev:
+        schedule = EvalSchedule(ev, 10, stop=StopOnThreshold(1e9, "reward"))
+        assert schedule.trigger(10) == []
+        assert [d.step for d in schedule.trigger(20)] == [10]  # "wait": 10 read before 20
+        deadline = time.monotonic() + 60
+        while ev.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not ev.pending, "the evaluation finished, unread"
+        assert [d.step for d in schedule.finish()] == [20]
+        assert [d.step for d in schedule.history] == [10, 20]
+
+
 # -- the per-episode record --------------------------------------------------------------------------
 
 

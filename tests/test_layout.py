@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ray_eval"
 
 # Each module's rank: a module may import modules of its own rank or lower, never higher.
 # Top-level modules that several wings share sit between the wings they serve.
-SHARED_LEAVES = {"errors", "factories", "memory"}  # rank 0: import no other ray_eval module
+SHARED_LEAVES = {"errors", "factories", "lazy", "memory"}  # rank 0: import no other ray_eval module
 SHARED_CORE = {"planning", "weights"}  # rank 3: between rollout (below) and backends (above)
 FACADE = {"evaluator", "options", "torchrl_args", "delivery", "env_input", "backend_choice"}
 # integrations: ray_eval inside training loops (SB3, TorchRL's Trainer), built on the façade;

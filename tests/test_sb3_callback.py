@@ -11,7 +11,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from stable_baselines3 import DQN, PPO, SAC
-from stable_baselines3.common.callbacks import BaseCallback, StopTrainingOnRewardThreshold
+from stable_baselines3.common.callbacks import (
+    BaseCallback,
+    EveryNTimesteps,
+    StopTrainingOnRewardThreshold,
+)
 from stable_baselines3.common.envs import BitFlippingEnv
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import (
@@ -201,6 +205,31 @@ def test_stop_on_threshold_arrives_within_one_eval_freq(ray_local, async_eval):
         assert EVAL_FREQ <= model.num_timesteps <= 2 * EVAL_FREQ
     else:
         assert model.num_timesteps == EVAL_FREQ
+
+
+def test_under_an_event_callback_the_last_evaluations_are_handled_at_the_end():
+    """SB3's EveryNTimesteps passes on_step to its child but not on_training_end: the
+    evaluations still running when learn() ends are handled all the same, and the workers
+    stop, as SB3's blocking callback leaves nothing pending (async, in-process)."""
+    model = PPO(
+        "MlpPolicy", "CartPole-v1", n_steps=64, n_epochs=1, seed=0, policy_kwargs=dict(net_arch=[8])
+    )
+    callback = EvalCallback(
+        gym.make("CartPole-v1"),
+        eval_freq=1,
+        n_eval_episodes=2,
+        warn=False,
+        verbose=0,
+        num_workers=0,
+    )
+    every = EveryNTimesteps(n_steps=64, callback=callback)
+    model.learn(4 * 64, callback=every)
+    assert callback.evaluations_timesteps == []  # no log_path: SB3 keeps no lists
+    assert [int(r["eval/step"]) for r in callback.results] == [64, 128, 192, 256]
+    assert callback.evaluator is None, "the workers stop at the end of learn()"
+    model.learn(64, callback=every, reset_num_timesteps=False)  # chained once, not twice
+    assert [int(r["eval/step"]) for r in callback.results] == [64, 128, 192, 256, 320]
+    assert callback.evaluator is None
 
 
 def test_unsupported_eval_envs_fail_at_construction():

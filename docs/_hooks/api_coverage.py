@@ -1,11 +1,16 @@
 """mkdocs hook: the API reference documents every public name of ``ray_eval``.
 
 ``mkdocs build --strict`` fails when a name in ``ray_eval.__all__`` has no entry on an
-``api/`` page, or when it, or a public method or property of it, has no docstring.
+``api/`` page, or when it, or a public method or property of it, has no docstring. The
+same holds for the training integrations (``ray_eval.integrations.__all__`` and
+``ray_eval.sb3.__all__``), whose entries are under their defining module's path
+(``ray_eval.integrations.best.KeepBest``); those whose library (stable-baselines3,
+TorchRL's trainers) is not installed are not checked.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 
@@ -38,9 +43,30 @@ def _undocumented(name: str, obj) -> list[str]:
     return missing
 
 
+def _integrations() -> dict[str, object]:
+    """``{anchor: object}`` of the integrations' public names that import here."""
+    found = {}
+    for module_name in ("ray_eval.integrations", "ray_eval.sb3"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name in module.__all__:
+            try:
+                obj = getattr(module, name)
+            except ImportError:  # its library is not installed
+                continue
+            found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return found
+
+
 def on_post_build(config, **kwargs) -> None:
     absent = [n for n in ray_eval.__all__ if f"ray_eval.{n}" not in _anchors]
     undocumented = [m for n in ray_eval.__all__ for m in _undocumented(n, getattr(ray_eval, n))]
+    for anchor, obj in _integrations().items():
+        if anchor not in _anchors:
+            absent.append(anchor)
+        undocumented += _undocumented(anchor, obj)
     problems = []
     if absent:
         problems.append(f"public names with no entry on an api/ page: {', '.join(absent)}")

@@ -13,8 +13,9 @@ Names are imported on first use (the SB3 and Trainer parts pull their libraries)
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ray_eval.lazy import lazy_exports
 
 _EXPORTS = {
     "BestCheckpoint": "ray_eval.integrations.best",
@@ -32,16 +33,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ray_eval.integrations' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:

@@ -195,8 +195,9 @@ class KeepBest:
         os.replace(tmp, target)
 
     def _remove_others(self, keep: Path) -> None:
+        # by name: TorchRL returns the saved path absolute, the directory may be relative
         for other in self.directory.iterdir():
-            if other != keep and _NAME.match(other.name) and other.is_dir():
+            if other.name != keep.name and _NAME.match(other.name) and other.is_dir():
                 shutil.rmtree(other, ignore_errors=True)
 
     def _resume(self) -> None:
@@ -229,9 +230,11 @@ class KeepBest:
         }
 
     def state_dict(self) -> dict[str, Any]:
+        """The best value and step so far (the checkpoint itself stays on disk)."""
         return {"best_value": self.best_value, "best_step": self.best_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` saved."""
         self.best_value = state.get("best_value")
         self.best_step = state.get("best_step")
 

@@ -62,6 +62,7 @@ class Criterion:
         return value < than - self.min_delta
 
     def describe(self) -> str:
+        """``"eval/reward_ci_low (max)"``: the key and the direction, for messages."""
         return f"{self.key} ({self.mode})"
 
 

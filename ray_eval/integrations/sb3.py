@@ -30,7 +30,9 @@ the ``eval/mean_reward`` log). What changes:
   so SB3's ``StopTrainingOnRewardThreshold`` stops on it.
 
 The workers start at the first evaluation of each ``learn()`` (waiting up to 300 s
-for them: ``evaluator_kwargs={"startup_timeout": ...}``) and stop at its end.
+for them: ``evaluator_kwargs={"startup_timeout": ...}``) and stop at its end, where
+the evaluations still running are waited for and handled (also under an
+``EventCallback`` such as ``EveryNTimesteps``, which SB3 does not pass the end to).
 
 Not supported: ``render=True`` (the workers have no screen), eval envs other
 than a gymnasium env or a ``DummyVecEnv`` under ``VecNormalize``/``VecMonitor``,
@@ -48,7 +50,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, EventCallback
 from stable_baselines3.common.callbacks import EvalCallback as SB3EvalCallback
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor, is_vecenv_wrapped
@@ -132,6 +134,22 @@ class EvalCallback(SB3EvalCallback):
         self._kept: dict[int, tuple[dict, bytes | None]] = {}  # step -> what it evaluated
 
     # -- lifecycle -------------------------------------------------------------------
+
+    def _init_callback(self) -> None:
+        super()._init_callback()
+        # SB3's EventCallback (EveryNTimesteps, ...) passes on_step to its child but not
+        # on_training_end: the evaluations still running at the end of learn() would be
+        # left unhandled and the workers running. Chain ours to the parent's end.
+        parent = self.parent
+        if isinstance(parent, EventCallback) and not getattr(parent, "_ray_eval_chained", False):
+            parent_end = parent._on_training_end
+
+            def _on_training_end() -> None:
+                parent_end()
+                self.on_training_end()  # idempotent: nothing left if the parent passed it on
+
+            parent._on_training_end = _on_training_end
+            parent._ray_eval_chained = True
 
     def _start_evaluator(self) -> None:
         from ray_eval.evaluator import Evaluator

@@ -158,16 +158,16 @@ class EvalSchedule:
             delivered.append(self._deliver(result))
 
     def drain(self, timeout: float | None = None) -> list[Delivered]:
-        """Wait for every pending evaluation (up to ``timeout`` s for each)."""
+        """Wait for every pending evaluation (up to ``timeout`` s for each), and read every
+        result that arrived: a finished one waits unread, no longer ``pending``."""
         delivered = []
-        while self.evaluator.pending:
-            result = self.evaluator.wait(timeout)
-            if result is None:
-                if timeout is not None:
-                    break
-                continue  # a sync evaluate() of another thread is ahead: ours follow
-            delivered.append(self._deliver(result))
-        return delivered
+        while True:
+            result = self.evaluator.wait(timeout)  # the oldest unread first, if any
+            if result is not None:
+                delivered.append(self._deliver(result))
+            elif not self.evaluator.pending or timeout is not None:
+                return delivered
+            # else a sync evaluate() of another thread is ahead: ours follow
 
     def finish(self, timeout: float | None = None) -> list[Delivered]:
         """At the end of training: wait for the pending evaluations and handle them."""
@@ -217,6 +217,8 @@ class EvalSchedule:
     # -- state -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """The next evaluation point, the stop decision, the evaluator's and the pieces'
+        state: what a resumed run needs (results still pending are not in it)."""
         state: dict[str, Any] = {
             "next_due": self.next_due,
             "should_stop": self.should_stop,
@@ -231,6 +233,7 @@ class EvalSchedule:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` saved."""
         self.next_due = int(state.get("next_due", self.next_due))
         self.should_stop = bool(state.get("should_stop", False))
         self.stop_reason = state.get("stop_reason")

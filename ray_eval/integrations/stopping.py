@@ -84,9 +84,11 @@ class StopOnThreshold:
         return f"{self.criterion.key} {self.op} {self.threshold:g}"
 
     def state_dict(self) -> dict[str, Any]:
+        """The decision so far (and what it rests on), for a resumed run."""
         return {"stopped": self.stopped, "reason": self.reason, "step": self.step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` saved."""
         self.stopped = bool(state.get("stopped", False))
         self.reason = state.get("reason")
         self.step = state.get("step")
@@ -151,6 +153,7 @@ class StopOnNoImprovement:
         return f"no improvement of {self.criterion.key} in {self.patience} evaluations"
 
     def state_dict(self) -> dict[str, Any]:
+        """The decision so far (and what it rests on), for a resumed run."""
         return {
             "best": self.best,
             "best_step": self.best_step,
@@ -162,6 +165,7 @@ class StopOnNoImprovement:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` saved."""
         for name in self.state_dict():
             if name in state:
                 setattr(self, name, state[name])

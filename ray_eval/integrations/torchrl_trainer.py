@@ -84,6 +84,9 @@ class RayEvalHook(TrainerHookBase):
         self._trainer = None
 
     def register(self, trainer, name: str = "ray_eval") -> None:
+        """Run on ``trainer``: after each logging step (``post_steps_log``), its state
+        saved with the trainer's (module ``name``), the pending results handled at its
+        ``shutdown``."""
         self._trainer = trainer
         trainer.register_module(name, self)
         trainer.register_op("post_steps_log", self)
@@ -148,7 +151,9 @@ class RayEvalHook(TrainerHookBase):
         return self._trainer
 
     def state_dict(self) -> dict[str, Any]:
+        """The schedule's state (``EvalSchedule.state_dict``), saved with the trainer's."""
         return self.schedule.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` saved."""
         self.schedule.load_state_dict(state_dict)
