@@ -2,6 +2,7 @@
 
     python benchmarks/vector_envs.py            # about 2 minutes on 2 cores
     python benchmarks/vector_envs.py --quick    # a smoke run
+    python benchmarks/vector_envs.py --sweep    # ray_eval over envs_per_worker, and its default
 
 Every runner evaluates the same policy, a 4-64-64-2 tanh MLP whose argmax is
 the action, called once per step on the whole batch, on the same cores. Its
@@ -210,7 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--envs-per-worker", type=int, default=1024)
     parser.add_argument("--policy", choices=["random", *CONTROLLERS], default="balancing")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="ray_eval (2 workers) at each envs_per_worker of --sweep-sizes, and at its "
+        "default (envs_per_worker=None)",
+    )
+    parser.add_argument("--sweep-sizes", default="64,128,256,512,1024,2048")
+    parser.add_argument("--sweep-env", default="vector:CartPole-v1")
     args = parser.parse_args(argv)
+    if args.sweep:
+        return sweep(args)
     episodes = args.episodes or (512 if args.quick else DEFAULT_EPISODES[args.policy])
     repeats = args.repeats or (1 if args.quick else 5)
     slots = args.envs_per_worker
@@ -280,6 +291,49 @@ def main(argv: list[str] | None = None) -> int:
         "raw: every slot of every step() call;\nvs EnvPool: against the fastest of EnvPool's "
         "loops; rollout: ray_eval's eval/fps, its rate before the statistics are computed"
     )
+    return 0
+
+
+def sweep(args) -> int:
+    """ray_eval on 2 workers at each envs_per_worker, and at the default; one table."""
+    from ray_eval import Evaluator
+    from ray_eval.options import default_vector_batch
+
+    episodes = args.episodes or (512 if args.quick else DEFAULT_EPISODES[args.policy])
+    repeats = args.repeats or (1 if args.quick else 3)
+    sizes = [int(x) for x in args.sweep_sizes.split(",")]
+    warnings.filterwarnings("ignore")
+    policy = cartpole_mlp(args.policy)
+    chosen = default_vector_batch(episodes)
+    print(
+        f"{args.sweep_env}: {episodes:,} episodes per evaluation, 4-64-64-2 tanh MLP "
+        f"({args.policy}), {WORKERS} workers; default envs_per_worker for it: {chosen}; "
+        f"{os.cpu_count()} CPUs, load average {load_average()}"
+    )
+    start_ray()
+    rows = {}
+    try:
+        for size in [*sizes, None]:
+            label = f"envs_per_worker={size}" if size else f"default (None -> {chosen})"
+            with (
+                Evaluator(
+                    args.sweep_env,
+                    policy,
+                    num_workers=WORKERS,
+                    num_trajectories=episodes,
+                    envs_per_worker=size,
+                    startup_timeout=600,  # a loaded machine starts workers slowly
+                ) as evaluator,
+                torch.no_grad(),
+            ):
+                rows[label] = timed({label: ray_eval_runner(evaluator)}, repeats)[label]
+            print(f"  {label:<32} {rows[label].rate():>11,.0f} steps/s  load {rows[label].load}")
+    finally:
+        ray.shutdown()
+    best = max(r.rate() for r in rows.values())
+    print(f"\n{'ray_eval, 2 workers':<32} {'steps/s':>11} {'vs best':>8}  load average")
+    for label, r in rows.items():
+        print(f"{label:<32} {r.rate():>11,.0f} {r.rate() / best:>7.2f}x  {r.load}")
     return 0
 
 

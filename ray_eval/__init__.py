@@ -25,6 +25,7 @@ _EXPORTS = {
     "WeightsMismatchError": "ray_eval.errors",
     "WorkerDiedError": "ray_eval.errors",
     "WorkerStartupError": "ray_eval.errors",
+    "VectorFactory": "ray_eval.rollout.vector_sources",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -48,3 +49,4 @@ if TYPE_CHECKING:
     from ray_eval.evaluator import Evaluator
     from ray_eval.results.episodes import EpisodeData
     from ray_eval.results.metrics import Comparison, EvalResult, compare_results
+    from ray_eval.rollout.vector_sources import VectorFactory

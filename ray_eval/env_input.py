@@ -3,7 +3,11 @@
 ``env`` may be a gymnasium id, a zero-argument callable returning a
 ``gymnasium.Env`` or a TorchRL ``EnvBase``, a live env of either kind (copied
 per env slot, see ``backends.env_instances``), or a native vector env source
-(``"envpool:<task id>"``, ``"vector:<gymnasium id>"``, see ``rollout.vector_sources``).
+(``"envpool:<task id>"``, ``"vector:<gymnasium id>"``, ``ray_eval.VectorFactory(fn)``, or a callable whose
+``num_envs`` parameter is required, see ``rollout.vector_sources``). A factory
+whose ``num_envs`` has a value (``partial(make_env, num_envs=4)``) is an env
+factory like any other: what it returns decides (a batched TorchRL env is
+stepped as one batch, see ``rollout.batched_loop``).
 This runs on the driver, when the Evaluator is built; the workers call the factory.
 """
 
@@ -21,7 +25,7 @@ from ray_eval.rollout.vector_sources import (
     VectorFactory,
     VectorSource,
     no_video,
-    takes,
+    requires,
     vector_source_from_id,
 )
 
@@ -90,6 +94,8 @@ def as_env_factory(
         )
     if isinstance(env, VectorSource):
         return no_video(env, render_mode)
-    if takes(env, "num_envs"):
+    if requires(env, "num_envs"):
+        # It cannot be called with no argument: its signature, not a guess from a
+        # parameter's name, says it builds batches of num_envs (a native vector env).
         return no_video(VectorFactory(env), render_mode)
     return env

@@ -60,7 +60,7 @@ class Evaluator:
         log_prefix: str = "eval",
         backend: str = "ray",
         exploration_type: ExplorationType = ExplorationType.DETERMINISTIC,
-        envs_per_worker: int = 64,
+        envs_per_worker: int | None = None,
         num_cpus_per_worker: float = 1,
         num_gpus_per_worker: float = 0,
         resources_per_worker: dict[str, float] | None = None,

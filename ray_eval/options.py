@@ -62,7 +62,8 @@ def check_choice(name: str, value: Any, choices, what: str) -> None:
 def check_arguments(a: dict[str, Any]) -> None:
     """Check the constructor's arguments (``a``: their names and values)."""
     check_int("num_trajectories", a["num_trajectories"], minimum=1)
-    check_int("envs_per_worker", a["envs_per_worker"], minimum=1)
+    if a["envs_per_worker"] is not None:
+        check_int("envs_per_worker", a["envs_per_worker"], minimum=1)
     check_int("max_restarts", a["max_restarts"], minimum=0)
     check_int("seed", a["seed"], minimum=0)
     check_int("record_video", a["record_video"], minimum=0)
@@ -126,6 +127,37 @@ def default_num_workers(cpus_per_worker: float, episodes: int) -> int:
     return max(1, min(fit, episodes))
 
 
+SINGLE_ENV_BATCH = 64  # envs_per_worker=None for single envs: 64 copies per worker
+VECTOR_BATCH_MIN, VECTOR_BATCH_MAX = 64, 1024
+EPISODES_PER_SLOT = 4  # envs_per_worker=None for native vector envs: see default_vector_batch
+
+
+def default_vector_batch(episodes: int) -> int:
+    """``envs_per_worker=None`` on a native vector env: slots per worker from the episodes.
+
+    The largest power of two no larger than ``episodes / EPISODES_PER_SLOT``, within
+    ``[VECTOR_BATCH_MIN, VECTOR_BATCH_MAX]``. A vector env steps every slot at once, so
+    its rate grows with its slots until the policy call and the env step stop being
+    dominated by per-call overhead (measured with ``benchmarks/vector_envs.py --sweep``,
+    docs/envs.md); a chunk lasts as long as its slowest slot, so each slot should still
+    run a few episodes. It depends on the episodes only, never on the number of
+    workers, so the numbers stay the same on any number of workers.
+    """
+    target = max(1, episodes // EPISODES_PER_SLOT)
+    power = 1 << (target.bit_length() - 1)
+    return max(VECTOR_BATCH_MIN, min(VECTOR_BATCH_MAX, power))
+
+
+def batch_sizes(a: dict[str, Any], factories: dict[str, Any]) -> tuple[int, int]:
+    """``(envs_per_worker for single envs, slots per worker for native vector envs)``:
+    both ``envs_per_worker`` when it is given; for ``None``, 64 and ``default_vector_batch``.
+    (A batched TorchRL env's batch is its own: see ``WorkerInfo.batches``.)"""
+    given = a["envs_per_worker"]
+    if given is not None:
+        return given, given
+    return SINGLE_ENV_BATCH, default_vector_batch(a["num_trajectories"])
+
+
 def slots_for(factories: dict[str, Any], episodes: int, envs_per_worker: int) -> dict[str, int]:
     """Env slots per member: the batch the policy is called on at every step.
 
@@ -143,12 +175,17 @@ def build_configs(
     a: dict[str, Any], factories: dict[str, Any], *, use_ray: bool
 ) -> tuple[WorkerConfig, EvaluationPlan]:
     """What each worker builds (``WorkerConfig``) and what each evaluation runs (the plan)."""
+    single, vector = batch_sizes(a, factories)
+    vectors = vector_members(factories)
+    slots = slots_for(factories, a["num_trajectories"], single)
+    slots.update(slots_for(dict.fromkeys(vectors), a["num_trajectories"], vector))
     worker_config = WorkerConfig(
         env_factories=factories,
         policy_factory=a["policy_factory"],
         exploration_type=ExplorationType(a["exploration_type"]).name,
-        envs_per_worker=a["envs_per_worker"],
-        slots=slots_for(factories, a["num_trajectories"], a["envs_per_worker"]),
+        envs_per_worker=single,
+        vector_slots=min(vector, a["num_trajectories"]),
+        slots=slots,
         max_steps=a["max_steps"],
         fast_path=a["fast_path"],
         device=a["device"],
@@ -158,10 +195,11 @@ def build_configs(
         init_fn=a["init_fn"],
         record_trajectories=a["metrics_fn"] is not None,
         reward_keys=a["reward_keys"],
+        done_keys=a["done_keys"],
     )
     plan = EvaluationPlan(
         members={name: a["num_trajectories"] for name in factories},
-        envs_per_worker=a["envs_per_worker"],
+        envs_per_worker=single,
         seed=a["seed"],
         prefix=a["log_prefix"],
         record_episodes=a["record_video"],
@@ -170,7 +208,8 @@ def build_configs(
         metrics_fn=a["metrics_fn"],
         traj_format=(a["collector_kwargs"] or {}).get("traj_format", "pad"),
         dump_video=bool(a["dump_video"]),
-        vector_members=vector_members(factories),
+        vector_members=vectors,
+        member_batches=dict.fromkeys(vectors, vector),
     )
     return worker_config, plan
 

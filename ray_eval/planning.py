@@ -85,6 +85,7 @@ def plan_chunks(
     envs_per_worker: int,
     record_episodes: int = 0,
     vector_members: tuple[str, ...] = (),
+    member_batches: dict[str, int] | None = None,
 ) -> list[Chunk]:
     """Split every member's episodes into chunks, in episode order.
 
@@ -96,13 +97,16 @@ def plan_chunks(
     once per chunk: they are cut by ``vector_chunk_size``, and every episode of
     a chunk carries the chunk's seed, the seed of its first episode (one hash
     per chunk, not per episode: such evaluations run 10^5 episodes and more).
+    ``member_batches`` gives a member's own batch where it is not ``envs_per_worker``
+    (a batched TorchRL env fixes its batch itself).
     """
+    member_batches = member_batches or {}
     chunks: list[Chunk] = []
     total = sum(members.values())
     for member, count in members.items():
         vector = member in vector_members
         if vector:
-            size = vector_chunk_size(count, envs_per_worker)
+            size = vector_chunk_size(count, member_batches.get(member, envs_per_worker))
         else:
             seeds = episode_seeds(seed, step, count)
             # Share the workers between members in proportion to their episodes.
@@ -140,6 +144,8 @@ class EvaluationPlan:
     traj_format: str = "pad"  # how metrics_fn gets the trajectories: "pad" [N, T] or "cat"
     dump_video: bool = False  # dump the envs' video transforms after each evaluation
     vector_members: tuple[str, ...] = ()  # members on a native vector env (envs.is_vector_source)
+    # members on a batched TorchRL env -> the env's batch (reported by the workers)
+    member_batches: dict[str, int] = field(default_factory=dict)
     # info_keys that no episode reported, warned about once (by whoever summarizes)
     unreported_warned: set[str] = field(default_factory=set, repr=False, compare=False)
 
@@ -153,7 +159,15 @@ class EvaluationPlan:
             envs_per_worker=self.envs_per_worker,
             record_episodes=self.record_episodes,
             vector_members=self.vector_members,
+            member_batches=self.member_batches,
         )
+
+    def adopt_batches(self, batches: dict[str, int]) -> None:
+        """Members the workers found to be batched TorchRL envs (``WorkerInfo.batches``):
+        planned from now on as native vector envs with the env's own batch."""
+        if batches:
+            self.member_batches = {**self.member_batches, **batches}
+            self.vector_members = tuple(dict.fromkeys((*self.vector_members, *batches)))
 
     def deadline(self, started: float) -> float | None:
         """When an evaluation that started at ``started`` (``time.monotonic()``) times out."""

@@ -133,15 +133,17 @@ def test_unserializable_live_env_is_named_and_a_factory_suggested(ray_local):
     assert time.monotonic() - started < 10
 
 
-def test_batched_envs_that_cannot_be_split_are_refused():
+def test_multi_task_batched_envs_are_refused_and_native_batches_copied_whole():
     multi_task = SerialEnv(
         2, SeededCountdownEnv, create_env_kwargs=[{"max_length": 5}, {"max_length": 9}]
     )
     with pytest.raises(TypeError, match=r"multi-task SerialEnv.*suite"):
         as_env_factory(multi_task)
+    # Other batched envs are copied whole: each worker steps its copy as one batch.
     natively_batched = MockBatchedLockedEnv(batch_size=[3])
-    with pytest.raises(TypeError, match=r"batch_size=\(3,\).*factory of a single env"):
-        as_env_factory(natively_batched)
+    copy = as_env_factory(natively_batched)()
+    assert type(copy) is MockBatchedLockedEnv and tuple(copy.batch_size) == (3,)
+    assert copy is not natively_batched
 
 
 def test_same_sub_envs_built_alike_count_as_one_task():

@@ -12,7 +12,9 @@ transforms wrapped around the batched env. ray_eval batches copies itself, and
 its slot loop then counts finished episodes per sub-env, runs exactly
 ``num_trajectories`` of them with planned seeds, and favours no short episode.
 The batched env is never pickled: pickling a ``ParallelEnv`` closes it and its
-worker processes cannot travel anyway.
+worker processes cannot travel anyway. Other batched envs (``batch_size=[N]``:
+VMAS, ``GymEnv(..., num_envs=N)``, a user's ``EnvBase``) are copied whole, like
+any live env, and each worker steps its copy as one batch (``rollout.batched_loop``).
 """
 
 from __future__ import annotations
@@ -47,13 +49,17 @@ def instance_factory(env: gym.Env | EnvBase) -> Callable[[], Any]:
         if isinstance(base, BatchedEnvBase):
             recipe = _sub_env_recipe(base, transforms, kind)
             return EnvCopy(_serialize(recipe, kind), f"sub-env of a live {kind}")
-        if env.batch_size.numel() != 1:
-            raise TypeError(
-                f"env is a live {kind} with batch_size={tuple(env.batch_size)}: ray_eval "
-                f"splits SerialEnv/ParallelEnv into their sub-envs, but cannot split this "
-                f"one. Pass a zero-argument factory of a single env instead: ray_eval "
-                f"batches copies itself"
-            )
+        # Any other env, batched ones included (VMAS, GymEnv(..., num_envs=N), a user's
+        # EnvBase with a batch): a copy of the whole env, stepped as one batch per worker.
+        # One that cannot be pickled (GymEnv's num_envs batch holds subprocesses) is
+        # rebuilt from the arguments TorchRL's wrapper kept, with clones of its transforms.
+        try:
+            return EnvCopy(_serialize(env, kind), f"copy of a live {kind}")
+        except TypeError:
+            recipe = _rebuild_recipe(env)
+            if recipe is None:
+                raise
+            return EnvCopy(_serialize(recipe, kind), f"rebuilt copy of a live {kind}")
     return EnvCopy(_serialize(env, kind), f"copy of a live {kind}")
 
 
@@ -108,6 +114,26 @@ def _peel_transforms(env: EnvBase) -> tuple[list, EnvBase]:
         transforms.append(env.transform.clone())
         env = env.base_env
     return transforms[::-1], env
+
+
+def _rebuild_recipe(env: EnvBase) -> SubEnv | None:
+    """How to build ``env`` again: its wrapper's class and constructor arguments (TorchRL's
+    ``_constructor_kwargs``), then clones of the transforms around it; ``None`` if unknown."""
+    transforms, base = _peel_transforms(env)
+    kwargs = getattr(base, "_constructor_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return None
+    own = _added_by_constructor(type(base), kwargs)
+    return SubEnv(type(base), dict(kwargs), [t for t in transforms if not isinstance(t, own)])
+
+
+def _added_by_constructor(cls: type, kwargs: dict) -> tuple[type, ...]:
+    """Transforms the wrapper's constructor adds itself (``GymEnv(num_envs=N)``'s)."""
+    if kwargs.get("num_envs", 0) and getattr(cls, "__name__", "") in ("GymEnv", "GymWrapper"):
+        from torchrl.envs import VecGymEnvTransform
+
+        return (VecGymEnvTransform,)
+    return ()
 
 
 def _sub_env_recipe(batched: BatchedEnvBase, transforms: list, kind: str) -> SubEnv:

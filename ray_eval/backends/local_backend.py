@@ -50,6 +50,7 @@ class LocalBackend:
         # policy call shows whether evaluations need it (``waits_for_caller``).
         worker = LocalWorker(self._worker_config, _copy_or_same(self._policy), probe=True)
         self.workers = [worker.describe()]
+        plan.adopt_batches(self.workers[0].batches)
         self.waits_for_caller = worker.touches_process_state
         self._exploration = worker._exploration
         if self._policy is None:  # built by policy_factory: replacements copy it, so that

@@ -195,6 +195,8 @@ class WorkerPool:
                 ) from None
             self._where[index] = (infos[-1].pid, infos[-1].node_id)
         self._dumps_video = any(info.dumps_video for info in infos)
+        if infos:
+            self._plan.adopt_batches(infos[0].batches)
         return infos
 
     def startup_args(self) -> list:

@@ -36,6 +36,9 @@ class WorkerConfig:
     # Env slots per suite member, which is the policy's batch: envs_per_worker, or
     # the member's episode count if smaller (see ``slots_for``).
     slots: dict[str, int] = field(default_factory=dict)
+    # slots of a member found to be a native vector env when built (its factory returned
+    # a gymnasium VectorEnv): what envs_per_worker gives vector envs
+    vector_slots: int = 64
     max_steps: int | None = None
     fast_path: bool = True
     device: str | None = None  # None: the GPU Ray assigned, else the CPU
@@ -45,6 +48,7 @@ class WorkerConfig:
     init_fn: Any = None  # TorchRL's init_fn: called first thing in each worker process
     record_trajectories: bool = False  # keep every step of every episode (TorchRL's metrics_fn)
     reward_keys: Any = None  # TorchRL's reward_keys: what a return sums (TorchRL envs)
+    done_keys: Any = None  # TorchRL's done_keys: what ends an episode (TorchRL envs)
 
 
 @dataclass
@@ -58,6 +62,9 @@ class WorkerInfo:
     rollouts: dict[str, str] = field(default_factory=dict)  # member -> loop used
     dumps_video: bool = False  # some env has a video transform to dump after each evaluation
     env_parts: dict[str, Any] = field(default_factory=dict)  # member -> EnvParts (weights_dict)
+    # member -> its batch, for members that are batched TorchRL envs (the plan cuts their
+    # episodes as a native vector env's, with the env's own batch; see planning)
+    batches: dict[str, int] = field(default_factory=dict)
 
 
 class EvalWorker:
@@ -81,6 +88,7 @@ class EvalWorker:
         self._env_state: dict | None = None  # env parts' states to load (weights_dict)
         self._env_state_in: set[int] = set()  # ids of the env copies that have it
         self.rollouts: dict = {}
+        self._found_vector: set[str] = set()  # members found to be vector factories when built
         # The policy (or env) drew from torch's generator or read TorchRL's exploration
         # type in its first call: see process_state (what in-process evaluation may touch).
         self.touches_process_state = False
@@ -99,6 +107,7 @@ class EvalWorker:
         from ray_eval.rollout.adapters import build_env, check_action, make_rollout
         from ray_eval.rollout.env_parts import FrozenNormalization, freeze_normalization
         from ray_eval.rollout.policies import build_policy, prepare_policy
+        from ray_eval.rollout.vector_sources import VectorEnvSpaces, is_vector_source
         from ray_eval.weights import module_params
 
         if config.torch_threads:
@@ -108,6 +117,8 @@ class EvalWorker:
         self.policy = None
         for member, factory in config.env_factories.items():
             env = build_env(factory)
+            if not is_vector_source(factory) and isinstance(env, VectorEnvSpaces):
+                self._found_vector.add(member)  # a vector factory, by what it returned
             freeze_normalization(env)  # evaluating never updates normalization statistics
             if self.policy is None:
                 self.policy = prepare_policy(
@@ -117,13 +128,16 @@ class EvalWorker:
                 FrozenNormalization(factory),
                 env,
                 self.policy,
-                batch_size=config.slots.get(member, config.envs_per_worker),
+                batch_size=config.vector_slots
+                if member in self._found_vector
+                else config.slots.get(member, config.envs_per_worker),
                 max_steps=config.max_steps,
                 device=self.device,
                 fast_path=config.fast_path,
                 info_keys=config.info_keys,
                 record_trajectories=config.record_trajectories,
                 reward_keys=config.reward_keys,
+                done_keys=config.done_keys,
             )
             with torch.no_grad(), self._probing() as probe:
                 check_action(rollout, member or _env_name(factory))
@@ -147,6 +161,11 @@ class EvalWorker:
             rollouts={m: type(r).__name__ for m, r in self.rollouts.items()},
             dumps_video=any(video_dumpers(e) for e in self._env_copies()),
             env_parts={member: _env_parts(r, EnvParts) for member, r in self.rollouts.items()},
+            batches={
+                member: r.batch_size
+                for member, r in self.rollouts.items()
+                if type(r).__name__ == "BatchedRollout" or member in self._found_vector
+            },
         )
 
     def _env_copies(self) -> list:
@@ -224,7 +243,7 @@ class EvalWorker:
             raise self._init_error
         if self._env_state is not None:
             rollout = self.rollouts[chunk.member]
-            rollout._env_copies(min(len(chunk), rollout.batch_size))
+            rollout._env_copies(rollout.copies_for(chunk))
             self._apply_env_state()
         with torch.no_grad(), self._chunk_state(chunk):
             return self.rollouts[chunk.member].run(chunk)

@@ -31,6 +31,8 @@ class EpisodeBatch:
     weights_loads: int = 0  # weights payloads its worker read for it (0: they were in already)
     weights_loaded_bytes: int = 0  # bytes its worker wrote into its policy for it
     trajectories: list | None = None  # per episode, a TensorDict of its steps (metrics_fn)
+    # multi-agent envs: per agent group, each episode's per-agent returns ([episode, agent])
+    agent_returns: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def env_steps(self) -> int:
@@ -50,6 +52,9 @@ class EpisodeData:
     weights_ids: np.ndarray  # object-store id of the weights each episode ran with
     infos: dict[str, np.ndarray] = field(default_factory=dict)
     frames: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    # multi-agent envs: per agent group, each episode's per-agent returns ([episode, agent],
+    # NaN for episodes of a suite member without that group)
+    agent_returns: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def from_batches(
@@ -80,6 +85,7 @@ class EpisodeData:
                 for key in info_keys
             },
             frames={(b.member, i): f for b in batches for i, f in b.frames.items()},
+            agent_returns=_agent_returns(batches),
         )
 
     def select(self, member: str) -> EpisodeData:
@@ -95,7 +101,29 @@ class EpisodeData:
             weights_ids=self.weights_ids[mask],
             infos={k: v[mask] for k, v in self.infos.items()},
             frames={k: v for k, v in self.frames.items() if k[0] == member},
+            agent_returns={
+                k: v[mask] for k, v in self.agent_returns.items() if not np.isnan(v[mask]).all()
+            },
         )
 
     def __len__(self) -> int:
         return len(self.returns)
+
+
+def _agent_returns(batches: Sequence[EpisodeBatch]) -> dict[str, np.ndarray]:
+    """Per group, every batch's per-agent returns in order (NaN rows where a batch has none)."""
+    agents: dict[str, int] = {}
+    for b in batches:
+        for name, values in b.agent_returns.items():
+            agents[name] = max(agents.get(name, 0), values.shape[1])
+    out = {}
+    for name, count in agents.items():
+        rows = []
+        for b in batches:
+            values = b.agent_returns.get(name)
+            block = np.full((len(b.indices), count), np.nan)
+            if values is not None:
+                block[:, : values.shape[1]] = values
+            rows.append(block)
+        out[name] = np.concatenate(rows)
+    return out

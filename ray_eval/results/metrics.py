@@ -184,26 +184,22 @@ def bootstrap_rng(seed: int, step: int) -> np.random.Generator:
 
 
 def episode_metrics(episodes: EpisodeData, rng: np.random.Generator) -> dict[str, float]:
-    """Reward and length statistics of a set of episodes (keys without prefix)."""
+    """Reward and length statistics of a set of episodes (keys without prefix).
+
+    Multi-agent envs add, per agent group, the same statistics of the group's mean
+    per-agent return (``<group>/reward``, ``<group>/reward_ci_low``, ...), drawn
+    after the episode return's, which they leave as they were.
+    """
     r = episodes.returns
     if len(r) == 0:
         return {"reward": float("nan"), "num_episodes": 0}
-    ci_low, ci_high = bootstrap_ci(r, MEAN, rng)
-    iqm_low, iqm_high = bootstrap_ci(r, IQM, rng)
+    stats = reward_statistics(r, rng)
     out = {
-        "reward": float(r.mean()),
-        # Population std (ddof=0), as stable-baselines3 reports it; 0.0 for one episode.
-        "reward_std": float(r.std()),
+        "reward": stats.pop("reward"),
+        "reward_std": stats.pop("reward_std"),
         "num_episodes": len(r),
         "episode_length": float(episodes.lengths.mean()),
-        "reward_min": float(r.min()),
-        "reward_max": float(r.max()),
-        "reward_median": float(np.median(r)),
-        "reward_ci_low": ci_low,
-        "reward_ci_high": ci_high,
-        "reward_iqm": iqm(r),
-        "reward_iqm_ci_low": iqm_low,
-        "reward_iqm_ci_high": iqm_high,
+        **stats,
         "env_steps": int(episodes.lengths.sum()),
     }
     for key, values in episodes.infos.items():
@@ -213,7 +209,31 @@ def episode_metrics(episodes: EpisodeData, rng: np.random.Generator) -> dict[str
                 out["success_rate"] = float(known.mean())
         else:  # an info key asked for: NaN if no episode reported it (see unreported_info_keys)
             out[f"info/{key}"] = float(known.mean()) if len(known) else float("nan")
+    for group, per_agent in episodes.agent_returns.items():
+        rows = per_agent[~np.isnan(per_agent).all(axis=1)]
+        if len(rows):
+            means = np.nanmean(rows, axis=1)
+            out.update({f"{group}/{k}": v for k, v in reward_statistics(means, rng).items()})
     return out
+
+
+def reward_statistics(r: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+    """Mean, spread and intervals of returns ``r`` (``reward``, ``reward_std``, ...)."""
+    ci_low, ci_high = bootstrap_ci(r, MEAN, rng)
+    iqm_low, iqm_high = bootstrap_ci(r, IQM, rng)
+    return {
+        "reward": float(r.mean()),
+        # Population std (ddof=0), as stable-baselines3 reports it; 0.0 for one episode.
+        "reward_std": float(r.std()),
+        "reward_min": float(r.min()),
+        "reward_max": float(r.max()),
+        "reward_median": float(np.median(r)),
+        "reward_ci_low": ci_low,
+        "reward_ci_high": ci_high,
+        "reward_iqm": iqm(r),
+        "reward_iqm_ci_low": iqm_low,
+        "reward_iqm_ci_high": iqm_high,
+    }
 
 
 def unreported_info_keys(episodes: EpisodeData) -> list[str]:

@@ -4,6 +4,8 @@
 - ``loops``: ``GymnasiumRollout`` (vectorized gymnasium) and ``TorchRLRollout`` (``EnvBase``).
 - ``vector_loop``, ``vector_sources``: native vector envs (EnvPool, gymnasium's
   ``vector_entry_point``): building them and their loop.
+- ``batched_loop``: batched TorchRL envs (``batch_size=[N]``), stepped as one batch;
+  ``env_keys``: their (and every TorchRL env's) action, reward and done keys, by agent group.
 - ``adapters``: env copies and a policy turned into a loop; the action check.
 - ``policies``: whatever the user passed, called once per step on a batch.
 - ``torchrl_env``, ``env_parts``, ``trajectories``: seeding and info of TorchRL envs,

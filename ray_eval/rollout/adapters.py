@@ -19,19 +19,37 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from tensordict import TensorDictBase
 from torchrl.envs import EnvBase, GymEnv, GymWrapper
 
 from ray_eval.errors import ActionMismatchError
+from ray_eval.rollout.batched_loop import BatchedRollout, check_batch, is_batched_env
+from ray_eval.rollout.env_keys import EnvKeys
 from ray_eval.rollout.loops import GymnasiumRollout, TorchRLRollout
-from ray_eval.rollout.policies import observation_to_action, parameter_dtype, tensordict_to_action
+from ray_eval.rollout.policies import (
+    is_tensordict_policy,
+    observation_to_action,
+    parameter_dtype,
+    tensordict_to_action,
+)
 from ray_eval.rollout.vector_loop import VectorRollout
-from ray_eval.rollout.vector_sources import VectorEnvSpaces, callable_name, is_vector_env
+from ray_eval.rollout.vector_sources import (
+    VectorEnvSpaces,
+    VectorFactory,
+    callable_name,
+    is_vector_env,
+    takes,
+)
 
 
 def build_env(factory: Callable[[], Any]):
     """Call ``factory`` and check it gave an env."""
     env = factory()
     if not isinstance(env, VectorEnvSpaces) and is_vector_env(env):
+        if takes(factory, "num_envs"):
+            # What it returns says it: a vector env factory whose num_envs has a default.
+            env.close()
+            return VectorFactory(factory)()
         raise TypeError(
             f"env factory {callable_name(factory)} returned a vector env ({type(env).__name__}) "
             f"and takes no num_envs: give it a num_envs parameter (and seed, to seed it "
@@ -44,13 +62,6 @@ def build_env(factory: Callable[[], Any]):
         raise TypeError(
             f"env factory {callable_name(factory)} returned {type(env).__name__}, "
             f"expected a gymnasium.Env or a torchrl EnvBase"
-        )
-    if isinstance(env, EnvBase) and env.batch_size.numel() != 1:
-        raise TypeError(
-            f"env factory {callable_name(factory)} returned a batched TorchRL env "
-            f"(batch_size={tuple(env.batch_size)}); return a single env, "
-            f"ray_eval batches copies itself (a live SerialEnv/ParallelEnv instance "
-            f"is evaluated as its sub-envs)"
         )
     return env
 
@@ -193,12 +204,32 @@ def make_rollout(
     info_keys=(),
     record_trajectories: bool = False,
     reward_keys=None,
+    done_keys=None,
 ):
     """The rollout loop that fits ``first_env`` (built by ``factory``) and ``policy``.
 
     ``record_trajectories`` (TorchRL's ``metrics_fn``) takes the TorchRL loop,
-    which has every step as a TensorDict already; the fast path stays lean.
+    which has every step as a TensorDict already; the fast path stays lean. A
+    batched TorchRL env (``batch_size=[N]``) takes ``BatchedRollout``: the env's
+    batch is the batch. ``reward_keys``/``done_keys`` are TorchRL's arguments.
     """
+    if is_batched_env(first_env):
+        if record_trajectories:
+            raise TypeError(
+                f"metrics_fn (TorchRL's, on every step) needs single envs; env "
+                f"{callable_name(factory)} is a batched TorchRL env "
+                f"(batch_size={tuple(first_env.batch_size)}): use episode_metrics_fn"
+            )
+        return batched_rollout(
+            first_env,
+            policy,
+            name=callable_name(factory),
+            max_steps=max_steps,
+            device=device,
+            info_keys=info_keys,
+            reward_keys=reward_keys,
+            done_keys=done_keys,
+        )
     if isinstance(first_env, VectorEnvSpaces):
         if record_trajectories:
             raise TypeError(
@@ -248,9 +279,21 @@ def make_rollout(
         first_env = GymWrapper(first_env)
         factory = _WrappedGymFactory(factory)
     obs_keys = list(first_env.observation_spec.keys(True, True))
-    to_action = tensordict_to_action(
-        policy, first_env.action_key, obs_keys[0] if len(obs_keys) == 1 else None
-    )
+    action_keys = list(first_env.action_keys)
+    if len(action_keys) > 1:  # several agent groups: the policy writes each group's actions
+        if not is_tensordict_policy(policy):
+            raise TypeError(
+                f"env {callable_name(factory)} has {len(action_keys)} action keys "
+                f"{action_keys}: its policy must be a TensorDict module that writes them all"
+            )
+
+        def to_action(td):
+            return policy(td).select(*action_keys)
+
+    else:
+        to_action = tensordict_to_action(
+            policy, first_env.action_key, obs_keys[0] if len(obs_keys) == 1 else None
+        )
 
     policy_dtype = parameter_dtype(policy)
     obs_dtypes = {spec.dtype for spec in first_env.observation_spec.values(True, True)}
@@ -265,7 +308,8 @@ def make_rollout(
     def act_td(td):
         td = td.to(device)
         actions = to_action(td if cast is None else td.apply(cast)).cpu()
-        if actions.is_floating_point() and action_dtype.is_floating_point:
+        floating = isinstance(actions, torch.Tensor) and actions.is_floating_point()
+        if floating and action_dtype.is_floating_point:
             actions = actions.to(action_dtype)  # a bfloat16 policy's actions, for the env
         return actions
 
@@ -277,24 +321,69 @@ def make_rollout(
         max_steps=max_steps,
         info_keys=info_keys,
         record_trajectories=record_trajectories,
-        reward_keys=None
-        if reward_keys is None
-        else [_under_next(k) for k in _key_list(reward_keys)],
+        reward_keys=reward_keys,
+        done_keys=done_keys,
     )
 
 
-def _key_list(keys) -> list:
-    """TorchRL's key argument: one key (a str or a tuple of str) or a list of keys."""
-    if isinstance(keys, str) or (isinstance(keys, tuple) and all(isinstance(k, str) for k in keys)):
-        return [keys]
-    return list(keys)
+def batched_rollout(
+    env: EnvBase,
+    policy,
+    *,
+    name: str,
+    max_steps: int | None,
+    device: torch.device,
+    info_keys=(),
+    reward_keys=None,
+    done_keys=None,
+) -> BatchedRollout:
+    """The loop for a batched TorchRL env: one policy call per step on the env's batch."""
+    check_batch(env, name)
+    keys = EnvKeys.of(env, reward_keys, done_keys)
+    action_keys = list(keys.action_keys)
+    float_actions = {
+        key: env.full_action_spec[key].dtype
+        for key in action_keys
+        if env.full_action_spec[key].dtype.is_floating_point
+    }
+    if is_tensordict_policy(policy):
+        if device.type == "cpu":
+            call = policy
+        else:
 
+            def call(td):
+                return td.update(policy(td.to(device)).select(*action_keys).cpu())
 
-def _under_next(key):
-    """A step key as read from the ``"next"`` TensorDict: ``("next", "reward")`` -> ``"reward"``."""
-    if isinstance(key, tuple) and key and key[0] == "next":
-        return key[1:] if len(key) > 2 else key[1]
-    return key
+    else:
+        obs_keys = list(env.observation_spec.keys(True, True))
+        if len(obs_keys) != 1 or len(action_keys) != 1:
+            raise TypeError(
+                f"a plain (non-TensorDict) policy needs an env with one observation key and "
+                f"one action key; env {name!r} has observation keys {obs_keys} and action "
+                f"keys {action_keys}: wrap the policy in a TensorDictModule with explicit "
+                f"in_keys and out_keys"
+            )
+        if not callable(policy):
+            raise TypeError(f"policy must be callable, got {type(policy).__name__}")
+        (obs_key,), (action_key,) = obs_keys, action_keys
+
+        spec = env.full_action_spec[action_key]
+
+        def call(td):
+            actions = policy(td.get(obs_key).to(device)).cpu()
+            if tuple(actions.shape[:1]) != tuple(td.batch_size):
+                _check_action_tensor(actions, spec, action_key, name, ())  # raises, saying why
+            return td.set(action_key, actions)
+
+    def act(td):
+        td = call(td)
+        for key, dtype in float_actions.items():
+            action = td.get(key, None)
+            if action is not None and action.is_floating_point() and action.dtype != dtype:
+                td.set(key, action.to(dtype))  # a bfloat16 policy's actions, for the env
+        return td
+
+    return BatchedRollout(env, act, keys, max_steps=max_steps, info_keys=info_keys)
 
 
 @dataclass
@@ -340,22 +429,54 @@ def check_action(rollout, env_name: str) -> None:
                     f"policy returned action {bad[0]} outside env {env_name!r}'s {env.action_space}"
                 )
         return
+    if isinstance(rollout, BatchedRollout):
+        env = rollout._env
+        td = rollout._act(rollout.first_batch())
+        for key in rollout.keys.action_keys:
+            _check_action_tensor(td.get(key, None), env.full_action_spec[key], key, env_name, ())
+        return
     env = rollout._envs[0]
     td = env.reset().select(*rollout._observation_keys)
     batch = torch.stack([td] * rollout.batch_size)
     actions = rollout._act(batch)
-    spec = env.action_spec
-    if tuple(actions.shape[1:]) != tuple(spec.shape):
+    if isinstance(actions, TensorDictBase):
+        for key in env.action_keys:
+            _check_action_tensor(
+                actions.get(key, None), env.full_action_spec[key], key, env_name, (len(batch),)
+            )
+        return
+    spec = env.full_action_spec[env.action_key]
+    _check_action_tensor(actions, spec, env.action_key, env_name, (len(batch),))
+
+
+def _check_action_tensor(actions, spec, key, env_name: str, lead: tuple) -> None:
+    """The policy's actions under ``key`` fit the leaf action spec ``spec`` after ``lead``
+    dims (the slots ray_eval stacks; none for a batched env, whose spec has its batch)."""
+    if actions is None:
         raise ActionMismatchError(
-            f"policy returned actions of shape {tuple(actions.shape)} (per env "
-            f"{tuple(actions.shape[1:])}); env {env_name!r} expects per-env shape "
-            f"{tuple(spec.shape)} ({type(spec).__name__}, dtype {spec.dtype})"
+            f"policy wrote no action under key {key!r}; env {env_name!r} expects one there "
+            f"({type(spec).__name__}, shape {tuple(spec.shape)}, dtype {spec.dtype})"
+        )
+    where = f" under key {key!r}" if key != "action" else ""
+    per_env = tuple(actions.shape[len(lead) :])
+    if tuple(actions.shape[: len(lead)]) != lead or per_env != tuple(spec.shape):
+        if lead:
+            raise ActionMismatchError(
+                f"policy returned actions{where} of shape {tuple(actions.shape)} (per env "
+                f"{per_env}); env {env_name!r} expects per-env shape "
+                f"{tuple(spec.shape)} ({type(spec).__name__}, dtype {spec.dtype})"
+            )
+        raise ActionMismatchError(
+            f"policy returned actions{where} of shape {tuple(actions.shape)}; batched env "
+            f"{env_name!r} expects shape {tuple(spec.shape)} (its batch, then each element's "
+            f"action; {type(spec).__name__}, dtype {spec.dtype})"
         )
     if actions.dtype != spec.dtype and not (
         actions.is_floating_point() and spec.dtype.is_floating_point
     ):
         raise ActionMismatchError(
-            f"policy returned actions of dtype {actions.dtype}; env {env_name!r} expects {spec.dtype}"
+            f"policy returned actions{where} of dtype {actions.dtype}; env {env_name!r} "
+            f"expects {spec.dtype}"
         )
 
 

@@ -31,6 +31,7 @@ from tensordict import TensorDictBase
 from ray_eval.errors import EnvError
 from ray_eval.results.episodes import SUCCESS_KEY, EpisodeBatch
 from ray_eval.rollout.chunk import Chunk
+from ray_eval.rollout.env_keys import EnvKeys
 from ray_eval.rollout.torchrl_env import attach_info_tap, seeded_reset
 
 
@@ -48,6 +49,7 @@ class _EpisodeLog:
         self.infos = {k: np.full(n, np.nan) for k in (*self.info_keys, SUCCESS_KEY)}
         self.frames: dict[int, list] = {}
         self.trajectories: list | None = None  # per episode, every step (TorchRL's metrics_fn)
+        self.agent_returns: dict[str, np.ndarray] = {}  # group -> [episode, agent] returns
         self.next_episode = 0
 
     def has_next(self) -> bool:
@@ -86,6 +88,7 @@ class _EpisodeLog:
             frames=frames,
             seconds=seconds,
             trajectories=self.trajectories,
+            agent_returns=self.agent_returns,
         )
 
 
@@ -116,6 +119,10 @@ class _EnvSlots:
 
     def _adopt(self, env) -> None:
         """Prepare a new env copy (the first one is prepared by ``_setup``)."""
+
+    def copies_for(self, chunk: Chunk) -> int:
+        """How many env copies the chunk needs."""
+        return min(len(chunk), self.batch_size)
 
     def _env_copies(self, count: int) -> list:
         while len(self._envs) < count:
@@ -259,29 +266,47 @@ class TorchRLRollout(_EnvSlots):
     ``info`` of a wrapped gymnasium env.
 
     ``record_trajectories`` keeps every step of every episode (TorchRL's
-    ``metrics_fn``); ``reward_keys`` (TorchRL's, ``("next", "reward")`` style) are
-    the rewards a return sums, the env's reward key by default.
+    ``metrics_fn``); ``reward_keys`` and ``done_keys`` (TorchRL's, ``("next",
+    "reward")`` style) are the rewards a return sums (over agents too) and the
+    flags that end an episode, the env's own by default (``env_keys.EnvKeys``).
+    A multi-agent env's agent groups also get per-agent returns.
     """
 
     def __init__(
-        self, *args, record_trajectories: bool = False, reward_keys=None, **kwargs
+        self,
+        *args,
+        record_trajectories: bool = False,
+        reward_keys=None,
+        done_keys=None,
+        **kwargs,
     ) -> None:
         self.record_trajectories = record_trajectories
         self._reward_keys = reward_keys
+        self._done_keys = done_keys
         super().__init__(*args, **kwargs)
 
     def _setup(self, first_env) -> None:
         self._observation_keys = list(first_env.observation_spec.keys(True, True))
         self.action_key = first_env.action_key
-        self.reward_key = first_env.reward_key
-        done_keys = first_env.done_keys
-        self.done_key = "done" if "done" in done_keys else done_keys[0]
+        self.keys = EnvKeys.of(first_env, self._reward_keys, self._done_keys)
         self._reset = seeded_reset(first_env)
         self._taps = [attach_info_tap(first_env)]
-        self.reward_keys = list(self._reward_keys or [self.reward_key])
+        self.reward_keys = list(self.keys.reward_keys)
 
     def _adopt(self, env) -> None:
         self._taps.append(attach_info_tap(env))
+
+    def first_rows(self, chunk: Chunk) -> list[int]:
+        """The batch rows of the chunk's first episodes: episode ``i`` starts in row
+        ``i % batch_size``, the row it has in-process, so that its actions are computed
+        in the same row of the same batch on any number of workers (a policy's output
+        rows may differ in their last bits from one row to another)."""
+        first = min(len(chunk), self.batch_size)
+        return [int(i) % self.batch_size for i in chunk.indices[:first]]
+
+    def copies_for(self, chunk: Chunk) -> int:
+        """How many env copies the chunk needs: one per row up to its highest."""
+        return max(self.first_rows(chunk)) + 1
 
     def close(self) -> None:
         for env in self._envs:
@@ -291,7 +316,8 @@ class TorchRLRollout(_EnvSlots):
     def run(self, chunk: Chunk) -> EpisodeBatch:
         started = time.perf_counter()
         log = _EpisodeLog(chunk, self._info_keys)
-        envs = self._env_copies(min(len(chunk), self.batch_size))
+        rows = self.first_rows(chunk)
+        envs = self._env_copies(self.copies_for(chunk))
         taps = self._taps
         keys = self._observation_keys
         max_steps = self._max_steps
@@ -304,6 +330,14 @@ class TorchRLRollout(_EnvSlots):
         slot_steps: list[list] = [[] for _ in range(self.batch_size)]
         if recording:
             log.trajectories = [None] * len(chunk)
+        groups = self.keys.groups
+        log.agent_returns = {
+            name: np.full((len(chunk), agents), np.nan) for name, (_, agents) in groups.items()
+        }
+        slot_agents = [
+            {name: np.zeros(agents) for name, (_, agents) in groups.items()}
+            for _ in range(self.batch_size)
+        ]
 
         def start(slot: int) -> None:
             i = log.take_next()
@@ -311,6 +345,8 @@ class TorchRLRollout(_EnvSlots):
             slot_return[slot] = 0.0
             slot_length[slot] = 0
             slot_steps[slot] = []
+            for values in slot_agents[slot].values():
+                values[:] = 0.0
             slot_info[slot] = dict.fromkeys(self._info_keys)
             try:
                 slot_td[slot] = self._reset(envs[slot], log.seeds[i]).select(*keys)
@@ -319,7 +355,7 @@ class TorchRLRollout(_EnvSlots):
             except Exception as error:
                 raise log.fail(error, i) from None
 
-        active = list(range(min(len(chunk), self.batch_size)))
+        active = rows
         for slot in active:
             start(slot)
         while active:
@@ -333,13 +369,20 @@ class TorchRLRollout(_EnvSlots):
             still_running = []
             for slot in active:
                 i = slot_episode[slot]
-                td = slot_td[slot].clone(False).set(self.action_key, actions[slot])
+                td = slot_td[slot].clone(False)
+                if isinstance(actions, TensorDictBase):  # several action keys (agent groups)
+                    td.update(actions[slot])
+                else:
+                    td.set(self.action_key, actions[slot])
                 try:
                     stepped = envs[slot].step(td)
                 except Exception as error:
                     raise log.fail(error, i) from None
                 nxt = stepped.get("next")
                 slot_return[slot] += sum(float(nxt.get(k).sum()) for k in self.reward_keys)
+                if groups:
+                    for name, rewards in self.keys.agent_rewards(nxt, 1).items():
+                        slot_agents[slot][name] += rewards[0].numpy()
                 slot_length[slot] += 1
                 if recording:
                     slot_steps[slot].append(stepped)
@@ -351,8 +394,10 @@ class TorchRLRollout(_EnvSlots):
                         slot_info[slot][key] = _add(slot_info[slot][key], info[key])
                 if i in log.frames:
                     log.frames[i].append(_render(envs[slot]))
-                if bool(nxt.get(self.done_key).any()) or slot_length[slot] >= max_steps:
+                if bool(self.keys.episode_ends(nxt, 1)) or slot_length[slot] >= max_steps:
                     log.returns[i] = slot_return[slot]
+                    for name, values in slot_agents[slot].items():
+                        log.agent_returns[name][i] = values
                     log.lengths[i] = slot_length[slot]
                     if recording:
                         log.trajectories[i] = torch.stack(slot_steps[slot])

@@ -116,6 +116,9 @@ class VectorRollout:
     def _env_copies(self, count: int) -> list:
         return self._envs
 
+    def copies_for(self, chunk: Chunk) -> int:
+        return 0
+
     def close(self) -> None:
         if self._env is not None:
             self._env.close()

@@ -4,7 +4,11 @@ Each worker builds one vector env of ``envs_per_worker`` slots. They are asked f
 as ``"envpool:<task id>"`` (EnvPool), ``"vector:<gymnasium id>"`` (gymnasium's
 ``vector_entry_point``, e.g. ``CartPoleVectorEnv``), or a callable with a
 ``num_envs`` parameter (and, optionally, ``seed``) that returns a gymnasium
-``VectorEnv`` or an EnvPool env. No Ray here.
+``VectorEnv`` or an EnvPool env: marked as such with ``ray_eval.VectorFactory(fn)``,
+or with ``num_envs`` required (no default). A callable whose ``num_envs`` has a
+default is a plain env factory (a TorchRL factory's ``num_envs`` keeps its own
+meaning); if what it returns is a gymnasium ``VectorEnv``, the worker takes it
+for a vector factory then. No Ray here.
 """
 
 from __future__ import annotations
@@ -90,15 +94,24 @@ class GymVectorMake(VectorSource):
 
 @dataclass
 class VectorFactory(VectorSource):
-    """A user's callable taking ``num_envs`` (and ``seed``, if it has one)."""
+    """Marks ``factory`` as a native vector env factory: ``factory(num_envs=n[, seed=s])``
+    returns a gymnasium ``VectorEnv`` or an EnvPool env of ``n`` slots.
+
+    Pass ``Evaluator(ray_eval.VectorFactory(make), ...)``: each worker builds one
+    vector env of ``envs_per_worker`` slots (``seed`` is passed when ``factory``
+    takes one, for envs that are seeded when built, as EnvPool). Without the
+    marker, a callable is a vector factory only if its ``num_envs`` is required.
+    """
 
     factory: Callable[..., Any]
 
     @property
     def seeds_at_creation(self) -> bool:  # type: ignore[override]
+        """Does ``factory`` take a ``seed`` (the env is seeded when built, as EnvPool)?"""
         return takes(self.factory, "seed")
 
     def make(self, num_envs: int, seed: int, max_steps: int | None = None):
+        """``factory(num_envs=num_envs[, seed=seed])``: one vector env of ``num_envs`` slots."""
         if self.seeds_at_creation:
             return self.factory(num_envs=num_envs, seed=seed)
         return self.factory(num_envs=num_envs)
@@ -168,6 +181,19 @@ def takes(fn: Callable, name: str) -> bool:
     return param is not None and param.kind in (
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
         inspect.Parameter.KEYWORD_ONLY,
+    )
+
+
+def requires(fn: Callable, name: str) -> bool:
+    """Does ``fn`` have a parameter ``name``, passable by keyword, with no default?"""
+    try:
+        param = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return (
+        param is not None
+        and param.default is inspect.Parameter.empty
+        and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     )
 
 
