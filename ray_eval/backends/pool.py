@@ -320,9 +320,10 @@ class WorkerPool:
 
     async def _run_queue(self, queue, free, running, refs, request):
         """Run the chunks. The plan's ``timeout`` counts evaluation time: the time
-        while some worker runs a chunk. While none can (every worker is starting,
-        restarting or finishing a cancelled chunk), the clock stops; each of those
-        waits is bounded by ``startup_timeout`` instead (``_until_back``, ``_drain``)."""
+        while workers run chunks and none that chunks wait for is (re)starting. While
+        a worker is starting (a replacement), restarting (Ray, after a crash) or ending
+        a cancelled chunk, and chunks wait for it, the clock stops: each of those waits
+        is bounded by ``startup_timeout`` instead (``_until_back``, ``_drain``)."""
         timeout = self._plan.timeout
         batches, restarts = [], 0
         used = 0.0  # evaluation time so far
@@ -335,7 +336,7 @@ class WorkerPool:
                 future = asyncio.wrap_future(ref.future())
                 running[future], refs[future] = (index, chunk), (ref, time.monotonic())
             recovering = {task: index for index, task in self._recovering.items()}
-            ticking = bool(running)
+            ticking = bool(running) and not (queue and self._recovering)
             remaining = None if timeout is None or not ticking else max(0.0, timeout - used)
             waited = time.monotonic()
             done, _ = await asyncio.wait(
