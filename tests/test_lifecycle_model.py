@@ -83,8 +83,10 @@ settings.register_profile(
 LONG = os.environ.get("RAY_EVAL_HYPOTHESIS") == "long" or (
     settings.get_current_profile_name() == "long"
 )
-LONG_SECONDS = 300.0  # per backend: 10 minutes in all
-EXAMPLES = {"local": 6, "ray": 3}  # per backend, in the ci profile
+LONG_SECONDS = 270.0  # per backend: about 10 minutes in all
+# Per backend, in the ci profile: (examples, steps at most per example). A Ray example
+# costs an evaluator's start (2 workers) and its shutdown.
+CI = {"local": (8, 15), "ray": (2, 12)}
 
 STATS: collections.Counter = collections.Counter()
 
@@ -515,7 +517,10 @@ def run(machine, backend: str) -> None:
                 machine, settings=settings(profile, max_examples=1, database=None)
             )
     else:
-        profile = settings(settings.get_profile("ci"), max_examples=EXAMPLES[backend])
+        examples, steps = CI[backend]
+        profile = settings(
+            settings.get_profile("ci"), max_examples=examples, stateful_step_count=steps
+        )
         run_state_machine_as_test(machine, settings=profile)
     faults = {k: v for k, v in STATS.items() if k.startswith("fault")}
     print(
@@ -525,9 +530,11 @@ def run(machine, backend: str) -> None:
     )
 
 
+@pytest.mark.timeout(900)
 def test_lifecycle_in_process():
     run(LocalLifecycle, "local")
 
 
+@pytest.mark.timeout(900)
 def test_lifecycle_on_ray_workers(ray_module):
     run(RayLifecycle, "ray")
