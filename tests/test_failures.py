@@ -245,6 +245,7 @@ def busy_processes(count: int):
             proc.wait()
 
 
+@pytest.mark.timeout(600)  # a loaded machine: the replacement's start takes its time
 def test_timeout_under_load_replaces_only_the_hung_worker_and_the_next_evaluation_works(
     ray_local, tmp_path
 ):
@@ -264,7 +265,6 @@ def test_timeout_under_load_replaces_only_the_hung_worker_and_the_next_evaluatio
     expected = reference(policy, None, step=1, **plan)
     hang = tmp_path / "hang"
     with (
-        busy_processes(3),
         Evaluator(
             slow_env(step_sleep, hang_file=str(hang), fault_step=2),
             policy,
@@ -273,6 +273,7 @@ def test_timeout_under_load_replaces_only_the_hung_worker_and_the_next_evaluatio
             startup_timeout=300,
             **plan,
         ) as ev,
+        busy_processes(2),  # from here on: the evaluations and the replacement's start
     ):
         pids = {w.pid for w in ev.workers}
         first = set(ev.actor_ids)

@@ -446,6 +446,8 @@ class WorkerPool:
         while True:
             done, _ = await asyncio.wait([future], timeout=BEAT_SECONDS)
             if done:
+                if not future.cancelled():
+                    future.exception()  # retrieved: what a cancelled chunk raised is no news
                 return
             now = time.monotonic()
             if now - max(self._beats[index], given) > stall or now > deadline:
