@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -78,6 +78,7 @@ settings.register_profile(
     max_examples=10_000,  # bounded by LONG_SECONDS, below
     stateful_step_count=25,
     deadline=None,
+    database=None,
     suppress_health_check=list(HealthCheck),
 )
 LONG = os.environ.get("RAY_EVAL_HYPOTHESIS") == "long" or (
@@ -135,6 +136,7 @@ class Timed:
 
 class Lifecycle(RuleBasedStateMachine):
     backend = "local"
+    stop_at = float("inf")  # the long mode's end (time.monotonic())
 
     def __init__(self) -> None:
         super().__init__()
@@ -160,6 +162,8 @@ class Lifecycle(RuleBasedStateMachine):
 
     @initialize(busy_policy=st.sampled_from(["error", "skip", "queue", "latest"]))
     def start(self, busy_policy):
+        # The long mode's time is up: the remaining examples are rejected at once.
+        assume(time.monotonic() < type(self).stop_at)
         self.busy_policy = busy_policy
         STATS["sequences"] += 1
         STATS[f"busy_policy={busy_policy}"] += 1
@@ -510,12 +514,13 @@ def run(machine, backend: str) -> None:
     STATS.clear()
     started = time.monotonic()
     if LONG:
-        profile = settings.get_profile("long")
-        deadline = started + LONG_SECONDS
-        while time.monotonic() < deadline:
-            run_state_machine_as_test(
-                machine, settings=settings(profile, max_examples=1, database=None)
-            )
+        # One run, many examples (Hypothesis varies them; a fresh run per example would
+        # start from its simplest example every time), ended by time.
+        machine.stop_at = started + LONG_SECONDS
+        try:
+            run_state_machine_as_test(machine, settings=settings.get_profile("long"))
+        finally:
+            machine.stop_at = float("inf")
     else:
         examples, steps = CI[backend]
         profile = settings(
