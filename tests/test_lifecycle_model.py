@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from hypothesis import HealthCheck, assume, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -75,7 +75,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "long",
-    max_examples=10_000,  # bounded by LONG_SECONDS, below
+    max_examples=20,  # per run: see LONG_EXAMPLES
     stateful_step_count=25,
     deadline=None,
     database=None,
@@ -85,6 +85,7 @@ LONG = os.environ.get("RAY_EVAL_HYPOTHESIS") == "long" or (
     settings.get_current_profile_name() == "long"
 )
 LONG_SECONDS = 270.0  # per backend: about 10 minutes in all
+LONG_EXAMPLES = {"local": 20, "ray": 4}  # per run, in the long mode
 # Per backend, in the ci profile: (examples, steps at most per example). A Ray example
 # costs an evaluator's start (2 workers) and its shutdown.
 CI = {"local": (8, 15), "ray": (2, 12)}
@@ -136,7 +137,6 @@ class Timed:
 
 class Lifecycle(RuleBasedStateMachine):
     backend = "local"
-    stop_at = float("inf")  # the long mode's end (time.monotonic())
 
     def __init__(self) -> None:
         super().__init__()
@@ -162,8 +162,6 @@ class Lifecycle(RuleBasedStateMachine):
 
     @initialize(busy_policy=st.sampled_from(["error", "skip", "queue", "latest"]))
     def start(self, busy_policy):
-        # The long mode's time is up: the remaining examples are rejected at once.
-        assume(time.monotonic() < type(self).stop_at)
         self.busy_policy = busy_policy
         STATS["sequences"] += 1
         STATS[f"busy_policy={busy_policy}"] += 1
@@ -188,6 +186,10 @@ class Lifecycle(RuleBasedStateMachine):
             **PLAN,
         )
         self.actor_ids = set(self.ev.actor_ids)
+        # Default steps (the evaluator's counter) from a range of their own: every
+        # request's step is unique, so each result names its request.
+        self.ev.load_state_dict({"step_counter": self.counter_base})
+        self.counter = self.counter_base
 
     def teardown(self):
         if self.ev is not None and not self.closed:
@@ -489,7 +491,10 @@ class Lifecycle(RuleBasedStateMachine):
         # In request order: on_result sees steps in the order they were accepted.
         order = [self.index_of(s) for s in self.published]
         known = [i for i in order if i >= 0]
-        assert known == sorted(known), f"published out of order: {self.published}"
+        assert known == sorted(known), (
+            f"published out of order: {self.published}; requests (index, step, sync, "
+            f"cancelled): {[(r['index'], r['step'], r['sync'], r['cancelled']) for r in self.requests]}"
+        )
 
 
 def worker_pids(actor_ids: set[str]) -> list[int]:
@@ -514,13 +519,11 @@ def run(machine, backend: str) -> None:
     STATS.clear()
     started = time.monotonic()
     if LONG:
-        # One run, many examples (Hypothesis varies them; a fresh run per example would
-        # start from its simplest example every time), ended by time.
-        machine.stop_at = started + LONG_SECONDS
-        try:
-            run_state_machine_as_test(machine, settings=settings.get_profile("long"))
-        finally:
-            machine.stop_at = float("inf")
+        # Runs of LONG_EXAMPLES examples each (a run starts with its simplest example,
+        # then draws at random), until the time is up.
+        profile = settings(settings.get_profile("long"), max_examples=LONG_EXAMPLES[backend])
+        while time.monotonic() < started + LONG_SECONDS:
+            run_state_machine_as_test(machine, settings=profile)
     else:
         examples, steps = CI[backend]
         profile = settings(
