@@ -421,7 +421,10 @@ class Lifecycle(RuleBasedStateMachine):
         while self.ev.pending and time.monotonic() < deadline:
             self.read(0.5, True)
         assert not self.ev.pending, "requests still pending after the drain"
-        while self.read(0, False):
+        # The last result may still be being published (on_result runs): it is not
+        # pending any more, but not handed over yet. wait(t) returns it, and None at
+        # once when nothing async is left.
+        while self.read(SLACK, True):
             pass
         for r in self.undelivered_async():
             assert r["cancelled"] or self.busy_policy == "latest", (
