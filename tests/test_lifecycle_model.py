@@ -354,12 +354,13 @@ class Lifecycle(RuleBasedStateMachine):
         return True
 
     @precondition(lambda self: not self.closed)
-    @rule(data=st.data())
-    def cancel(self, data):
+    @rule(pick=st.integers(0, 15))
+    def cancel(self, pick):
+        # What is still waiting depends on timing: the draw must not (Hypothesis replays).
         waiting = [r for r in self.undelivered_async() if not r["cancelled"]]
         if not waiting:
             return
-        request = data.draw(st.sampled_from(waiting))
+        request = waiting[pick % len(waiting)]
         with Timed("cancel", SLACK):
             if isinstance(request["handle"], concurrent.futures.Future):
                 request["handle"].cancel()
