@@ -22,7 +22,8 @@ request whose handle was cancelled is dropped: nothing is delivered for it.
 The thread cannot lose a request: each one it takes is handed over in a
 ``finally``, with its result, or with whatever was raised while waiting for it,
 so nothing the backend or a callback raises leaves an ``evaluate`` waiting or
-the evaluator busy. While its result is being published (``on_result``), a
+the evaluator busy. An error delivered for a request carries its step
+(``error.step``), so the caller of ``poll``/``wait`` knows whose error it is. While its result is being published (``on_result``), a
 request no longer counts as pending: ``trigger_eval`` from ``on_result`` is
 accepted under every ``busy_policy``.
 """
@@ -250,6 +251,8 @@ class Delivery:
             outcome = self._outcome(head)
         except BaseException as error:  # the request's error, never the thread's end
             outcome = error
+            with contextlib.suppress(Exception):
+                error.step = head.step  # which request it belongs to (poll/wait raise it)
         finally:
             self._hand_over(head, outcome)
 

@@ -98,7 +98,8 @@ def _rebuild_worker_died(message, worker, cause):
 
 
 class EvaluationTimeout(RayEvalError, TimeoutError):
-    """An evaluation ran longer than the evaluator's ``timeout``."""
+    """An evaluation ran longer than the evaluator's ``timeout`` (evaluation time: the
+    workers' (re)starts count against ``startup_timeout``). ``.step``: the request's step."""
 
 
 class ResourceUnavailableError(RayEvalError):

@@ -138,7 +138,9 @@ class EvaluationPlan:
     seed: int = 0
     prefix: str = "eval"
     record_episodes: int = 0
-    timeout: float | None = None  # seconds an evaluation may run, from its start
+    # Seconds of evaluation time: while some worker runs a chunk. The workers' (re)starts,
+    # replacements included, are bounded by startup_timeout instead (see WorkerPool).
+    timeout: float | None = None
     episode_metrics_fn: Any = None  # fn(EpisodeData) -> {name: scalar}
     metrics_fn: Any = None  # TorchRL's: fn(trajectories TensorDict) -> {name: value}
     traj_format: str = "pad"  # how metrics_fn gets the trajectories: "pad" [N, T] or "cat"
@@ -168,10 +170,6 @@ class EvaluationPlan:
         if batches:
             self.member_batches = {**self.member_batches, **batches}
             self.vector_members = tuple(dict.fromkeys((*self.vector_members, *batches)))
-
-    def deadline(self, started: float) -> float | None:
-        """When an evaluation that started at ``started`` (``time.monotonic()``) times out."""
-        return None if self.timeout is None else started + self.timeout
 
     def summarize(
         self, batches: list, step: int, *, seconds: float, worker_restarts: int

@@ -6,10 +6,14 @@ nothing of Ray, torch or the envs is mocked. Timings are printed (``-s``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -226,6 +230,79 @@ def test_hung_env_times_out_stuck_workers_are_replaced_and_the_next_evaluation_w
     print(
         f"\n[hung env] EvaluationTimeout after {async_s:.2f} s (wait) and {sync_s:.2f} s "
         f"(evaluate) with timeout={timeout:g}; the next evaluation took {next_s:.2f} s"
+    )
+
+
+@contextlib.contextmanager
+def busy_processes(count: int):
+    """``count`` processes spinning a CPU each (load from other work), killed at the end."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(600)  # a loaded machine: the replacement's start takes its time
+def test_timeout_under_load_replaces_only_the_hung_worker_and_the_next_evaluation_works(
+    ray_local, tmp_path
+):
+    """One worker hangs; the other is still stepping at the timeout. Only the hung one
+    is replaced; the other stops its chunk and is kept. The next evaluation is given its
+    whole timeout for the episodes: the replacement's start counts against
+    startup_timeout, even on a machine loaded by other work."""
+    policy = small_policy()
+    step_sleep, timeout, seed, n = 0.05, 15.0, 13, 20
+    plan = {"num_trajectories": n, "envs_per_worker": 1, "seed": seed}
+    hung_eval = [SeedLengthEnv.length_for(s) * step_sleep for s in episode_seeds(seed, 0, n)]
+    next_eval = [SeedLengthEnv.length_for(s) * step_sleep for s in episode_seeds(seed, 1, n)]
+    # The worker left alone in the hung evaluation is still busy at the timeout (its
+    # sleeps alone outlast it); the next evaluation's sleeps fit well within it.
+    assert sum(hung_eval) - max(hung_eval) > timeout + 3
+    assert sum(next_eval) / 2 + max(next_eval) < timeout - 3
+    expected = reference(policy, None, step=1, **plan)
+    hang = tmp_path / "hang"
+    with (
+        Evaluator(
+            slow_env(step_sleep, hang_file=str(hang), fault_step=2),
+            policy,
+            num_workers=2,
+            timeout=timeout,
+            startup_timeout=300,
+            **plan,
+        ) as ev,
+        busy_processes(2),  # from here on: the evaluations and the replacement's start
+    ):
+        pids = {w.pid for w in ev.workers}
+        first = set(ev.actor_ids)
+        started = time.perf_counter()
+        with pytest.raises(EvaluationTimeout, match="did not finish within 15 s") as info:
+            ev.evaluate(step=0)
+        timeout_s = time.perf_counter() - started
+        message = str(info.value)
+        stuck = re.search(r"the stuck workers \[(\d)\] were replaced by fresh ones", message)
+        kept = re.search(r"workers \[(\d)\] were still stepping: their chunks were ", message)
+        assert stuck and kept and stuck[1] != kept[1], message
+        hung_pid = int(hang.read_text())
+        assert process_gone(hung_pid)  # the hung worker was killed
+        (kept_pid,) = pids - {hung_pid}
+        os.kill(kept_pid, 0)  # the stepping one lives on: raises if it is gone
+        second = set(ev.actor_ids)
+        assert len(first - second) == 1 and len(second - first) == 1
+        load = os.getloadavg()[0]
+        started = time.perf_counter()
+        result = ev.evaluate(step=1)
+        next_s = time.perf_counter() - started
+        assert result["eval/worker_restarts"] == 0
+        assert_same_episodes(result, expected)
+        os.kill(kept_pid, 0)
+    assert timeout <= timeout_s < timeout + 20
+    print(
+        f"\n[timeout under load] load average {load:.1f}: EvaluationTimeout after "
+        f"{timeout_s:.2f} s (timeout={timeout:g}); only worker {stuck[1]} was replaced; "
+        f"the next evaluation took {next_s:.2f} s and gave the fault-free numbers"
     )
 
 

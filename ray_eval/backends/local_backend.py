@@ -8,7 +8,8 @@ touched. Handles are ``concurrent.futures.Future``s.
 ``timeout`` is real here too: when an evaluation overruns it, its future fails
 with ``EvaluationTimeout`` at once, and the stuck thread is abandoned (a daemon
 thread, so it never holds up interpreter exit, and it closes its own envs if it
-ever returns); the next evaluation runs on a fresh worker.
+ever returns); the next evaluation runs on a fresh worker, whose build is not
+counted in that evaluation's timeout (the watchdog starts once the worker is built).
 
 The trainer's process state is left alone (see ``process_state``): a policy
 that uses neither torch's global generator nor TorchRL's exploration type runs
@@ -195,14 +196,20 @@ class _Runner:
             backend.settle(future, result=None)
             return
         watchdog = None
-        if plan.timeout is not None:
-            watchdog = threading.Timer(plan.timeout, backend.time_out, (self, future, request.step))
-            watchdog.daemon = True
-            watchdog.start()
         if backend.waits_for_caller:
             self.lent = LentState(backend._exploration)
         outcome: dict = {}
         try:
+            if self.worker is None:
+                # A replacement (after a timeout) builds its envs and policy first: that
+                # is start-up, not evaluation time, so the watchdog starts after it.
+                self.worker = backend._new_worker()
+            if plan.timeout is not None:
+                watchdog = threading.Timer(
+                    plan.timeout, backend.time_out, (self, future, request.step)
+                )
+                watchdog.daemon = True
+                watchdog.start()
             outcome["result"] = self._evaluate(request, payload, future)
         except BaseException as error:
             outcome["error"] = error
@@ -216,9 +223,7 @@ class _Runner:
     def _evaluate(
         self, request: EvalRequest, payload: Payload | None, future: Future
     ) -> EvalResult | None:
-        backend, plan = self.backend, self.backend._plan
-        if self.worker is None:
-            self.worker = backend._new_worker()
+        plan = self.backend._plan
         started = time.perf_counter()
         weights, env_state = payload
         worker = self.worker

@@ -30,7 +30,7 @@ from ray_eval.backends.resources import (
     requested_resources,
     resources_text,
 )
-from ray_eval.backends.worker import RemoteWorker, WorkerInfo
+from ray_eval.backends.worker import BEAT_SECONDS, RemoteWorker, WorkerInfo
 from ray_eval.errors import (
     EvaluationTimeout,
     ResourceUnavailableError,
@@ -46,6 +46,12 @@ from ray_eval.results.metrics import EvalResult
 # all workers (see ``WorkerPool.initial_weights``); a smaller one, by each worker, which
 # is faster the first time (the pool would import torch for it: about 2 s).
 SHARED_INITIAL_WEIGHTS_MIN_BYTES = 32 * 1024**2
+
+# After a timeout, a worker still running a chunk that has not called its policy for
+# this long (half the timeout, within these bounds) is stuck, and replaced; any other
+# has its chunk cancelled and is kept.
+STALL_MIN_SECONDS = 2.0
+STALL_MAX_SECONDS = 10.0
 
 PLACEMENT_STRATEGIES = {
     "pack": "PACK",
@@ -101,6 +107,7 @@ class WorkerPool:
         self._causes = [""] * config.num_workers  # what killed each one last
         self._where = [(0, "")] * config.num_workers  # (pid, node id) when last seen
         self._recovering: dict[int, asyncio.Future] = {}  # worker -> wait for its restart
+        self._beats = [0.0] * config.num_workers  # when each last showed progress (monotonic)
         self._order = RequestOrder()
         self._turn = asyncio.Condition()
         self._dumps_video = False  # some worker's env has a video transform to dump
@@ -122,7 +129,7 @@ class WorkerPool:
                 self._pg, placement_group_bundle_index=index
             )
         actor_cls = ray.remote(RemoteWorker)
-        return actor_cls.options(**options).remote(self._handle)
+        return actor_cls.options(**options).remote(self._handle, index)
 
     def _replace_worker(self, index: int) -> None:
         task = self._recovering.pop(index, None)
@@ -135,6 +142,10 @@ class WorkerPool:
         self._where[index] = (0, "")
         # Chunks go to the other workers until this one has started.
         self._recovering[index] = asyncio.ensure_future(self._until_back(index))
+
+    def beat(self, index: int) -> None:
+        """Worker ``index`` progresses (it called its policy since its last beat)."""
+        self._beats[index] = time.monotonic()
 
     async def start(self, autoscaler: str | None = None) -> list[WorkerInfo]:
         """Wait until every worker has built its envs and policy (bounded).
@@ -296,24 +307,28 @@ class WorkerPool:
         it (``_until_back``): a call to a restarting actor fails at once, and
         must not count as another death.
         """
-        deadline = self._plan.deadline(time.monotonic())
         self._collect_recovered()
         queue = deque(chunks)
         free = deque(i for i in range(len(self._workers)) if i not in self._recovering)
         running: dict[asyncio.Future, tuple[int, Chunk]] = {}
-        refs: dict[asyncio.Future, ray.ObjectRef] = {}
+        refs: dict[asyncio.Future, tuple[ray.ObjectRef, float]] = {}
         try:
-            return await self._run_queue(queue, free, running, refs, request, deadline)
+            return await self._run_queue(queue, free, running, refs, request)
         except asyncio.CancelledError:
             # The evaluation was cancelled: chunks not started yet are dropped,
-            # running ones finish on their worker and are discarded.
-            for ref in refs.values():
-                ray.cancel(ref)
+            # running ones stop at their next step (their worker is kept, unless stuck).
+            self._release(running, refs)
             raise
 
-    async def _run_queue(self, queue, free, running, refs, request, deadline):
+    async def _run_queue(self, queue, free, running, refs, request):
+        """Run the chunks. The plan's ``timeout`` counts evaluation time: the time
+        while workers run chunks and none that chunks wait for is (re)starting. While
+        a worker is starting (a replacement), restarting (Ray, after a crash) or ending
+        a cancelled chunk, and chunks wait for it, the clock stops: each of those waits
+        is bounded by ``startup_timeout`` instead (``_until_back``, ``_drain``)."""
         timeout = self._plan.timeout
         batches, restarts = [], 0
+        used = 0.0  # evaluation time so far
         while queue or running:
             while queue and free:
                 index, chunk = free.popleft(), queue.popleft()
@@ -321,25 +336,39 @@ class WorkerPool:
                     chunk, request.weights, request.env_state
                 )
                 future = asyncio.wrap_future(ref.future())
-                running[future], refs[future] = (index, chunk), ref
+                running[future], refs[future] = (index, chunk), (ref, time.monotonic())
             recovering = {task: index for index, task in self._recovering.items()}
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ticking = bool(running) and not (queue and self._recovering)
+            remaining = None if timeout is None or not ticking else max(0.0, timeout - used)
+            waited = time.monotonic()
             done, _ = await asyncio.wait(
                 [*running, *(recovering if queue else ())],
                 timeout=remaining,
                 return_when=asyncio.FIRST_COMPLETED,
             )
+            if ticking:
+                used += time.monotonic() - waited
             if not done:
                 unfinished = sum(len(c) for _, c in running.values()) + sum(map(len, queue))
-                stuck = sorted(index for index, _ in running.values())
                 starting = sorted(self._recovering)
-                self._abandon(running)
+                stuck, kept = self._release(running, refs)
                 raise EvaluationTimeout(
                     f"evaluation at step {request.step} did not finish within {timeout:g} s "
                     f"({unfinished} episodes unfinished); "
-                    + (f"the stuck workers {stuck} were replaced by fresh ones" if stuck else "")
-                    + ("; " if stuck and starting else "")
-                    + (f"workers {starting} were still (re)starting" if starting else "")
+                    + "; ".join(
+                        part
+                        for part in (
+                            f"the stuck workers {stuck} were replaced by fresh ones"
+                            if stuck
+                            else "",
+                            f"workers {kept} were still stepping: their chunks were "
+                            f"cancelled and they were kept"
+                            if kept
+                            else "",
+                            f"workers {starting} were still (re)starting" if starting else "",
+                        )
+                        if part
+                    )
                 )
             for future in done:
                 if future in recovering:
@@ -347,8 +376,12 @@ class WorkerPool:
                     if self._recovering.get(index) is not future:
                         continue  # replaced meanwhile: its successor is being waited for
                     del self._recovering[index]
-                    if future.exception() is not None:
-                        self._fail(running, index, future.exception(), "could not be restarted")
+                    error = None if future.cancelled() else future.exception()
+                    if isinstance(error, _Stuck):
+                        self._replace_worker(index)  # its cancelled chunk hung: it is stuck
+                        continue
+                    if error is not None:
+                        self._fail(running, index, error, "could not be restarted")
                     free.append(index)
                     continue
                 index, chunk = running.pop(future)
@@ -370,6 +403,7 @@ class WorkerPool:
                     queue.appendleft(chunk)  # same seeds: the re-run gives the same episodes
                     self._recovering[index] = asyncio.ensure_future(self._until_back(index))
                 except RayTaskError as error:
+                    self._release(running, refs)
                     raise remote_cause(error) from None
                 else:
                     batch.worker = index
@@ -377,15 +411,72 @@ class WorkerPool:
                     free.append(index)
         return batches, restarts
 
-    async def _until_back(self, index: int) -> None:
-        """Return once Ray has restarted worker ``index`` (raises if it cannot)."""
-        worker = self._workers[index]
+    def _stall_seconds(self) -> float:
+        """How long a worker running a chunk may go without a beat before it counts as stuck."""
+        timeout = self._plan.timeout or STALL_MAX_SECONDS
+        return max(STALL_MIN_SECONDS, min(STALL_MAX_SECONDS, timeout / 2))
+
+    def _release(self, running: dict, refs: dict) -> tuple[list[int], list[int]]:
+        """The evaluation ends with chunks still running: replace the workers that are
+        stuck (no beat for ``_stall_seconds``), cancel the others' chunks and keep them;
+        each is given no new chunk until its cancelled one has ended (``_drain``).
+        Returns (stuck, kept) worker indices."""
+        now, stall = time.monotonic(), self._stall_seconds()
+        stuck, kept = [], []
+        for future, (index, _chunk) in list(running.items()):
+            ref, given = refs.get(future, (None, now))
+            since = max(self._beats[index], given)
+            if now - since > stall:
+                future.cancel()
+                self._replace_worker(index)
+                stuck.append(index)
+            else:
+                if ref is not None:
+                    ray.cancel(ref)
+                self._recovering[index] = asyncio.ensure_future(self._drain(index, future, given))
+                kept.append(index)
+        running.clear()
+        refs.clear()
+        return sorted(stuck), sorted(kept)
+
+    async def _drain(self, index: int, future: asyncio.Future, given: float) -> None:
+        """Return once worker ``index``'s cancelled chunk has ended (it stops at its
+        next step); raise ``_Stuck`` if the worker stops beating meanwhile, or if the
+        chunk is still running after ``startup_timeout``."""
+        stall = self._stall_seconds()
+        deadline = time.monotonic() + self._config.startup_timeout
         while True:
+            done, _ = await asyncio.wait([future], timeout=BEAT_SECONDS)
+            if done:
+                if not future.cancelled():
+                    future.exception()  # retrieved: what a cancelled chunk raised is no news
+                return
+            now = time.monotonic()
+            if now - max(self._beats[index], given) > stall or now > deadline:
+                raise _Stuck(index)
+
+    async def _until_back(self, index: int) -> None:
+        """Return once worker ``index`` is up: restarted by Ray, or newly created
+        (a replacement builds its envs and policy first). Raises if it cannot be,
+        or if that takes longer than ``startup_timeout``."""
+        worker = self._workers[index]
+        limit = self._config.startup_timeout
+        deadline = time.monotonic() + limit
+        while True:
+            left = deadline - time.monotonic()
             try:
-                pid, node_id = await worker.ping.remote()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                pid, node_id = await asyncio.wait_for(
+                    asyncio.wrap_future(worker.ping.remote().future()), left
+                )
             except ActorUnavailableError:  # restarting, or not reachable yet
                 await asyncio.sleep(0.2)
                 continue
+            except asyncio.TimeoutError:
+                raise WorkerStartupError(
+                    f"worker {index} did not (re)start within startup_timeout={limit:g} s"
+                ) from None
             self._where[index] = (pid, node_id)
             return
 
@@ -417,11 +508,9 @@ class WorkerPool:
         where += f", node {node_id[:12]}" if node_id else ""
         return f"{index} (actor {self._workers[index]._actor_id.hex()[:16]}{where})"
 
-    def _abandon(self, running: dict) -> None:
-        """Replace the workers still busy on this evaluation: they may be stuck."""
-        for future, (index, _chunk) in running.items():
-            future.cancel()
-            self._replace_worker(index)
+
+class _Stuck(Exception):
+    """A worker kept after a timeout stopped beating before its cancelled chunk ended."""
 
 
 def _death_cause(error: BaseException) -> str:

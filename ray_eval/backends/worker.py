@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -273,12 +275,16 @@ class RemoteWorker(EvalWorker):
     actor can pass them on without importing what they are made of. They are
     asked from the pool, which keeps them: a restarted worker rebuilds from them."""
 
-    def __init__(self, pool) -> None:
+    def __init__(self, pool, index: int = 0) -> None:
         from ray_eval.memory import release_store_pages
 
         # Refs to the pickled config and policy: the pool keeps them for its whole
         # life, and weights=None reads the built policy's weights back from them.
         self._pool = pool
+        self._index = index
+        self._steps = 0  # policy calls of the chunks run so far (see _watch)
+        self._chunk_running = False
+        self._watcher: threading.Thread | None = None
         self._startup_refs = ray.get(pool.startup_args.remote())
         config_blob, policy_blob = ray.get(self._startup_refs)
         self._env_state_id = ""
@@ -298,6 +304,37 @@ class RemoteWorker(EvalWorker):
             del config_blob, policy_blob
         super().__init__(config, policy)
         release_store_pages()  # the pages of the pickled policy, read above
+        for rollout in self.rollouts.values():
+            rollout._act = self._counted(rollout._act)
+
+    def _counted(self, act):
+        """``act``, counting its calls (the pool's sign of progress), and stopping the
+        chunk between two steps once the pool cancelled it (``ray.cancel``, after a
+        timeout: this worker is not stuck, so it is kept, and must be free soon)."""
+        worker = ray._private.worker.global_worker
+
+        def counted(obs):
+            if worker.is_canceled:
+                raise ChunkCancelled("the pool cancelled this chunk (its evaluation ended)")
+            self._steps += 1
+            return act(obs)
+
+        return counted
+
+    def _watch(self) -> None:
+        """While a chunk runs, tell the pool every ``BEAT_SECONDS`` that it progresses
+        (the policy was called since the last beat). A worker whose env or policy
+        hangs stops beating; after a timeout, the pool replaces only such workers."""
+        seen = -1
+        while True:
+            time.sleep(BEAT_SECONDS)
+            steps = self._steps
+            if self._chunk_running and steps != seen:
+                seen = steps
+                try:
+                    self._pool.beat.remote(self._index)
+                except Exception:
+                    return  # the pool is gone: so is this worker, soon
 
     def load_weights(self, payload: dict | None, identity: object = None) -> None:
         from ray_eval.memory import release_heap, release_store_pages
@@ -363,11 +400,28 @@ class RemoteWorker(EvalWorker):
             if ref.hex() != self._env_state_id:
                 self.load_env_state(ray.get(ref))
                 self._env_state_id = ref.hex()
-        batch = self.run(chunk)
+        if self._watcher is None:
+            self._watcher = threading.Thread(
+                target=self._watch, name="ray-eval-worker-beat", daemon=True
+            )
+            self._watcher.start()
+        self._chunk_running = True
+        try:
+            batch = self.run(chunk)
+        finally:
+            self._chunk_running = False
         batch.weights_id = self._loaded or ""
         batch.weights_loads = self.weights_loads - loads
         batch.weights_loaded_bytes = self.weights_loaded_bytes - loaded_bytes
         return batch
+
+
+# How often a worker running a chunk tells the pool it progresses (``RemoteWorker._watch``).
+BEAT_SECONDS = 0.25
+
+
+class ChunkCancelled(Exception):
+    """A chunk the pool gave up on (its evaluation timed out or was cancelled)."""
 
 
 def _assigned_device() -> str:
