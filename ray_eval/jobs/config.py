@@ -256,7 +256,9 @@ class WorkersConfig(_Strict):
     num_cpus: Annotated[float, Field(ge=0)] = 1.0
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
     resources: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
-    envs_per_worker: Annotated[int, Field(gt=0)] = 64
+    # None: the Evaluator's default (64 copies of a single env; for a native vector
+    # env, a batch chosen from the episodes; a batched TorchRL env's own batch).
+    envs_per_worker: Annotated[int, Field(gt=0)] | None = None
     max_restarts: Annotated[int, Field(ge=0)] = 3
     placement: Literal["pack", "spread", "strict_pack", "strict_spread"] | None = None
     startup_timeout: Annotated[float, Field(gt=0)] = 60.0
