@@ -39,6 +39,9 @@ def slow_env(step_sleep: float, **faults):
 SCRIPT_PREAMBLE = """
 import faulthandler, functools, os, signal, sys, time
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's view of a hang
+# Ctrl-C as in a terminal: a test run started in the background (`cmd &` in a script,
+# nohup) hands its children SIGINT ignored, and Python then installs no handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {root!r})
 import ray, torch
 from ray_eval import Evaluator

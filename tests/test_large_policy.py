@@ -196,7 +196,9 @@ def test_a_live_policy_s_built_weights_are_put_once_for_all_workers(ray_local):
     with Evaluator(ENV, mlp(), num_workers=0, **RUN) as fresh:
         expected = fresh.evaluate(step=2)
     before = weights_sized()
-    with Evaluator(ENV, policy, num_workers=2, **RUN) as ev:
+    # Two workers unpickling a 32+ MiB policy at once: on a loaded 2-core machine that
+    # took over the default 60 s; this test is about the store, not start-up time.
+    with Evaluator(ENV, policy, num_workers=2, startup_timeout=180, **RUN) as ev:
         evaluation_ids = set()
         for seed in range(2):  # the second weights=None reuses the object the first put
             train_step(policy, seed)

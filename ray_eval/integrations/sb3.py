@@ -194,18 +194,26 @@ class EvalCallback(SB3EvalCallback):
     # -- steps ----------------------------------------------------------------------
 
     def _on_step(self) -> bool:
-        continue_training = True
+        # Results that arrived since the last step are handled first: a stop they
+        # decide starts no further evaluation.
+        continue_training = self._handle_all(self._collect())
         delivered = []
-        if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
+        if continue_training and self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
             self._sync_normalization()
             if self.evaluator is None:  # started at the first evaluation of each learn()
                 self._start_evaluator()
             if self.warn and not self._monitor_wrapped():
                 warnings.warn(MONITOR_WARNING, UserWarning, stacklevel=2)
             delivered = self._evaluate_now() if not self.async_eval else self._trigger()
-        if self.schedule is not None:
-            delivered += [d.result for d in self.schedule.collect()]
-        for result in delivered:
+            delivered += self._collect()
+        return self._handle_all(delivered) and continue_training
+
+    def _collect(self) -> list:
+        return [] if self.schedule is None else [d.result for d in self.schedule.collect()]
+
+    def _handle_all(self, results: list) -> bool:
+        continue_training = True
+        for result in results:
             continue_training = self._handle(result) and continue_training
         return continue_training
 
