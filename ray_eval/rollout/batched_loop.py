@@ -47,7 +47,7 @@ from ray_eval.rollout.chunk import Chunk
 from ray_eval.rollout.env_keys import EnvKeys
 from ray_eval.rollout.loops import _close_quietly, _EpisodeLog
 from ray_eval.rollout.torchrl_env import seeded_reset
-from ray_eval.rollout.vector_loop import chunk_seed, slot_quotas
+from ray_eval.rollout.vector_loop import chunk_seed, first_open, slot_quotas
 
 
 def is_batched_env(env) -> bool:
@@ -161,11 +161,11 @@ class BatchedRollout:
             try:
                 td = self._act(td)
             except Exception as error:
-                raise log.fail(error, _first_open(finished, quota, n)) from None
+                raise log.fail(error, first_open(finished, quota, n)) from None
             try:
                 stepped, following = env.step_and_maybe_reset(td)
             except Exception as error:
-                raise log.fail(error, _first_open(finished, quota, n)) from None
+                raise log.fail(error, first_open(finished, quota, n)) from None
             nxt = stepped.get("next")
             ended = keys.episode_ends(nxt, n).numpy()
             inside = ~waiting  # steps of an episode that max_steps cut belong to none
@@ -215,15 +215,6 @@ class BatchedRollout:
                     try:
                         following = self._reset_elements(following, cut)
                     except Exception as error:
-                        raise log.fail(error, _first_open(finished, quota, n)) from None
+                        raise log.fail(error, first_open(finished, quota, n)) from None
             td = following
         return log.batch(time.perf_counter() - started)
-
-
-def _first_open(finished: np.ndarray, quota: np.ndarray, n: int) -> int:
-    """A chunk position of an episode still running (for error messages)."""
-    open_slots = np.flatnonzero(finished < quota)
-    if not len(open_slots):
-        return 0
-    k = int(open_slots[0])
-    return int(finished[k]) * n + k

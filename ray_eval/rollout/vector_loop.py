@@ -174,11 +174,11 @@ class VectorRollout:
             try:
                 actions = act(obs)
             except Exception as error:
-                raise log.fail(error, _first_open(finished, quota, n)) from None
+                raise log.fail(error, first_open(finished, quota, n)) from None
             try:
                 obs, reward, terminated, truncated, info = step(actions)
             except Exception as error:
-                raise log.fail(error, _first_open(finished, quota, n)) from None
+                raise log.fail(error, first_open(finished, quota, n)) from None
             obs = observations(obs)
             ended = terminated | truncated
             # float32 like TorchRL's reward spec, so every loop sums the same numbers.
@@ -234,7 +234,7 @@ class VectorRollout:
         return log.batch(time.perf_counter() - started)
 
 
-def _first_open(finished: np.ndarray, quota: np.ndarray, n: int) -> int:
+def first_open(finished: np.ndarray, quota: np.ndarray, n: int) -> int:
     """A chunk position of an episode still running (for error messages)."""
     open_slots = np.flatnonzero(finished < quota)
     if not len(open_slots):
