@@ -177,9 +177,10 @@ class Evaluator:
                 env_state = {**(self._env_state or {}), **env_update}
             counted = step is None  # only a step the evaluator picked advances its counter
             step = self._step_counter if counted else check_step(step)
-            request = EvalRequest(
-                seq=self._seq, step=step, replaceable=self._busy_policy == "latest" and not sync
-            )
+            # Under "latest" only a request that has to wait may be replaced: one accepted
+            # while nothing is pending starts at once, however late its worker picks it up.
+            replaceable = self._busy_policy == "latest" and not sync and self._delivery.busy
+            request = EvalRequest(seq=self._seq, step=step, replaceable=replaceable)
             handle = self._backend.submit(request, payload, env_state)
             self._env_state = env_state
             self._seq += 1

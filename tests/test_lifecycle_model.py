@@ -246,7 +246,9 @@ class Lifecycle(RuleBasedStateMachine):
         if default_step:
             step = self.counter
             self.counter += 1
-        self.record(step, sync=False, handle=handle)
+        # Under busy_policy="latest" only a request accepted while another was pending
+        # may be replaced; one accepted while nothing was pending must run.
+        self.record(step, sync=False, handle=handle)["replaceable"] = busy_ok
         STATS["on_result triggers" if from_on_result else "trigger_eval"] += 1
         return handle
 
@@ -258,11 +260,16 @@ class Lifecycle(RuleBasedStateMachine):
             "handle": handle,
             "cancelled": False,
             "delivered": 0,
+            "replaceable": False,
         }
         self.requests.append(request)
         if handle is not None:
             self.handles.append(handle)
         return request
+
+    def replaced(self, request: dict) -> bool:
+        """Whether ``busy_policy="latest"`` allows ``request`` to have been replaced."""
+        return self.busy_policy == "latest" and request["replaceable"]
 
     def undelivered_async(self) -> list[dict]:
         return [r for r in self.requests if not r["sync"] and not r["delivered"]]
@@ -324,7 +331,7 @@ class Lifecycle(RuleBasedStateMachine):
             assert target is not None, f"outcome of step {item_step}: no such request waiting"
             skipped = [r for r in waiting if r["index"] < target["index"]]
             for r in skipped:  # passed over: each must have been cancelled or replaced
-                assert r["cancelled"] or self.busy_policy == "latest", (
+                assert r["cancelled"] or self.replaced(r), (
                     f"request of step {r['step']} was never delivered"
                 )
                 r["delivered"] = -1  # never, from now on
@@ -428,7 +435,7 @@ class Lifecycle(RuleBasedStateMachine):
         while self.read(SLACK, True):
             pass
         for r in self.undelivered_async():
-            assert r["cancelled"] or self.busy_policy == "latest", (
+            assert r["cancelled"] or self.replaced(r), (
                 f"request of step {r['step']} was never delivered"
             )
 
