@@ -5,12 +5,15 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import ray
 import torch
 from ray.util.state import list_actors
 from tensordict import from_module
 from tensordict.nn import TensorDictModule
 from torch import nn
+
+from ray_eval.planning import Chunk, episode_seeds
 
 EVALUATOR_THREADS = ("ray-eval-results", "ray-eval-local")
 
@@ -90,3 +93,13 @@ def fresh_weights(policy: nn.Module, seed: int, scale: float = 0.5):
     gen = torch.Generator().manual_seed(seed)
     weights = from_module(policy).data.clone()
     return weights.apply(lambda p: p + scale * torch.randn(p.shape, generator=gen))
+
+
+def chunk_of(num_episodes: int, step: int = 5) -> Chunk:
+    """Episodes 0 .. num_episodes-1 of evaluation ``step``, for one worker's rollout."""
+    return Chunk(
+        member="",
+        indices=np.arange(num_episodes, dtype=np.int64),
+        seeds=episode_seeds(0, step, num_episodes),
+        record=np.zeros(num_episodes, dtype=bool),
+    )

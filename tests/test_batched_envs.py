@@ -24,8 +24,9 @@ from torchrl.envs import EnvBase, GymEnv
 from ray_eval import Evaluator
 from ray_eval.backends.worker import EvalWorker, WorkerConfig
 from ray_eval.env_input import as_env_factory
-from ray_eval.planning import Chunk, episode_seeds, plan_chunks
+from ray_eval.planning import plan_chunks
 from ray_eval.rollout.vector_loop import chunk_seed
+from tests.checks import chunk_of
 
 LONG = 30  # CountdownBatchEnv's long episodes
 
@@ -107,15 +108,6 @@ def worker(env, policy, max_steps: int | None = None) -> EvalWorker:
     info = built.describe()  # raises what the build raised
     assert info.rollouts == {"": "BatchedRollout"}
     return built
-
-
-def chunk_of(num_episodes: int, step: int = 5) -> Chunk:
-    return Chunk(
-        member="",
-        indices=np.arange(num_episodes, dtype=np.int64),
-        seeds=episode_seeds(0, step, num_episodes),
-        record=np.zeros(num_episodes, dtype=bool),
-    )
 
 
 def constant_action(obs: torch.Tensor) -> torch.Tensor:

@@ -175,20 +175,14 @@ def test_pettingzoo_simple_spread_in_process_and_on_two_workers(ray_local):
     assert len(set(in_process.episodes.returns.tolist())) > 1  # the seeds matter
 
 
-def test_reward_and_done_keys_that_the_env_lacks_are_named():
-    with pytest.raises(ValueError, match=r"no reward key \('next', 'agents', 'reward'\)"):
+@pytest.mark.parametrize("argument", ["reward_keys", "done_keys"])
+def test_reward_and_done_keys_that_the_env_lacks_are_named(argument):
+    kind = argument.split("_")[0]  # "reward" or "done"
+    with pytest.raises(ValueError, match=rf"no {kind} key \('next', 'agents', '{kind}'\)"):
         Evaluator(
             make_simple_spread,
             spread_policy(),
             num_workers=0,
             num_trajectories=2,
-            reward_keys=("next", "agents", "reward"),
-        )
-    with pytest.raises(ValueError, match=r"no done key \('next', 'agents', 'done'\)"):
-        Evaluator(
-            make_simple_spread,
-            spread_policy(),
-            num_workers=0,
-            num_trajectories=2,
-            done_keys=("next", "agents", "done"),
+            **{argument: ("next", "agents", kind)},
         )

@@ -22,8 +22,9 @@ from ray_eval import Evaluator
 from ray_eval.backends.worker import EvalWorker, WorkerConfig
 from ray_eval.env_input import as_env_factory
 from ray_eval.factories import MLPPolicy
-from ray_eval.planning import Chunk, episode_seed, episode_seeds, plan_chunks
+from ray_eval.planning import episode_seed, plan_chunks
 from ray_eval.rollout.vector_loop import NEXT_STEP, SAME_STEP, chunk_seed
+from tests.checks import chunk_of
 
 LONG = 40  # CoinFlipVectorEnv's long episodes
 
@@ -96,15 +97,6 @@ def worker(env, policy, envs_per_worker: int, max_steps: int | None = None) -> E
     built = EvalWorker(config, policy)
     built.describe()  # raises what the build raised
     return built
-
-
-def chunk_of(num_episodes: int, step: int = 5) -> Chunk:
-    return Chunk(
-        member="",
-        indices=np.arange(num_episodes, dtype=np.int64),
-        seeds=episode_seeds(0, step, num_episodes),
-        record=np.zeros(num_episodes, dtype=bool),
-    )
 
 
 @pytest.mark.parametrize("autoreset", [NEXT_STEP, SAME_STEP])

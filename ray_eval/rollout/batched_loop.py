@@ -47,7 +47,7 @@ from ray_eval.rollout.chunk import Chunk
 from ray_eval.rollout.env_keys import EnvKeys
 from ray_eval.rollout.loops import _close_quietly, _EpisodeLog
 from ray_eval.rollout.torchrl_env import seeded_reset
-from ray_eval.rollout.vector_loop import chunk_seed, first_open, slot_quotas
+from ray_eval.rollout.vector_loop import chunk_seed, first_open, record_ended, slot_quotas
 
 
 def is_batched_env(env) -> bool:
@@ -184,13 +184,10 @@ class BatchedRollout:
             cut = (lengths >= max_steps) & ~ended
             over = ended | cut
             if over.any():
-                slots = np.flatnonzero(over)
-                counted = slots[finished[slots] < quota[slots]]
+                slots, counted, positions = record_ended(
+                    log, over, finished, quota, returns, lengths
+                )
                 if len(counted):
-                    # element k's j-th episode is the chunk's episode j * n + k
-                    positions = finished[counted] * n + counted
-                    log.returns[positions] = returns[counted]
-                    log.lengths[positions] = lengths[counted]
                     for name, values in groups.items():
                         log.agent_returns[name][positions] = values[counted]
                     if SUCCESS_KEY in nxt.keys():

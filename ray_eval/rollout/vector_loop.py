@@ -211,13 +211,10 @@ class VectorRollout:
                     over = over | cut
                     cut_short |= cut
             if over.any():
-                slots = np.flatnonzero(over)
-                counted = slots[finished[slots] < quota[slots]]
+                slots, counted, positions = record_ended(
+                    log, over, finished, quota, returns, lengths
+                )
                 if len(counted):
-                    # slot k's j-th episode is the chunk's episode j * n + k
-                    positions = finished[counted] * n + counted
-                    log.returns[positions] = returns[counted]
-                    log.lengths[positions] = lengths[counted]
                     _record_infos(log, info, positions, counted, sums, reported, lengths)
                     remaining -= len(counted)
                 finished[slots] += 1
@@ -232,6 +229,25 @@ class VectorRollout:
             elif next_step:
                 outside = ended
         return log.batch(time.perf_counter() - started)
+
+
+def record_ended(
+    log: _EpisodeLog,
+    over: np.ndarray,
+    finished: np.ndarray,
+    quota: np.ndarray,
+    returns: np.ndarray,
+    lengths: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Log the return and length of each episode that ended in a slot still within its
+    quota. Returns the slots that ended, those counted, and their chunk positions."""
+    slots = np.flatnonzero(over)
+    counted = slots[finished[slots] < quota[slots]]
+    # slot k's j-th episode is the chunk's episode j * n + k
+    positions = finished[counted] * len(finished) + counted
+    log.returns[positions] = returns[counted]
+    log.lengths[positions] = lengths[counted]
+    return slots, counted, positions
 
 
 def first_open(finished: np.ndarray, quota: np.ndarray, n: int) -> int:
