@@ -25,7 +25,7 @@ from torch import nn
 
 from ray_eval.errors import WeightsMismatchError
 from ray_eval.memory import libc_function
-from ray_eval.rollout.env_parts import EnvParts
+from ray_eval.rollout.env_part_names import EnvParts
 
 WeightsLike = nn.Module | TensorDictBase | Mapping
 Payload = dict[str, np.ndarray]

@@ -157,6 +157,20 @@ def test_weights_are_put_once_and_shared_by_every_worker(pendulum_pool):
     assert first.episodes.weights_ids[0] != second.episodes.weights_ids[0]  # one put per evaluation
 
 
+def test_the_pool_actor_routes_without_importing_torch(pendulum_pool):
+    """The pool actor only plans and routes: what the workers report (their env parts
+    included) unpickles without torch, whose import is seconds of every start-up."""
+    pendulum_pool.evaluate(weights=pendulum_policy(), step=1)
+    heavy = ("torch", "tensordict", "torchrl")
+    imported = ray.get(
+        pendulum_pool._backend._pool.__ray_call__.remote(
+            lambda _: [name for name in heavy if name in sys.modules]
+        ),
+        timeout=60,
+    )
+    assert imported == []
+
+
 def test_trigger_eval_returns_an_object_ref_usable_with_ray_get_and_wait(pendulum_pool):
     ev = pendulum_pool
     ref = ev.trigger_eval(step=7)

@@ -151,7 +151,7 @@ class EvalWorker:
             self._targets = module_params(self.policy)
 
     def describe(self) -> WorkerInfo:
-        from ray_eval.rollout.env_parts import EnvParts, video_dumpers
+        from ray_eval.rollout.env_parts import video_dumpers
 
         if self._init_error is not None:
             raise self._init_error
@@ -162,7 +162,7 @@ class EvalWorker:
             param_spec={k: (tuple(v.shape), str(v.dtype)) for k, v in self._targets.items()},
             rollouts={m: type(r).__name__ for m, r in self.rollouts.items()},
             dumps_video=any(video_dumpers(e) for e in self._env_copies()),
-            env_parts={member: _env_parts(r, EnvParts) for member, r in self.rollouts.items()},
+            env_parts={member: _env_parts(r) for member, r in self.rollouts.items()},
             batches={
                 member: r.batch_size
                 for member, r in self.rollouts.items()
@@ -438,13 +438,16 @@ def _node_id() -> str:
     return "local"
 
 
-def _env_parts(rollout, env_parts_type):
+def _env_parts(rollout):
     """What weights_dict may load into the env copies of ``rollout`` (``EnvParts``)."""
+    from ray_eval.rollout.env_part_names import EnvParts
+    from ray_eval.rollout.env_parts import env_parts_of
+
     loop = type(rollout).__name__
     if rollout._envs:
-        return env_parts_type.of(rollout._envs[0], loop)
+        return env_parts_of(rollout._envs[0], loop)
     spaces = getattr(rollout, "spaces", None)  # a native vector env: no per-slot copies
-    return env_parts_type(getattr(spaces, "name", "a native vector env"), loop, {})
+    return EnvParts(getattr(spaces, "name", "a native vector env"), loop, {})
 
 
 def _env_name(factory) -> str:

@@ -9,7 +9,9 @@
 - ``adapters``: env copies and a policy turned into a loop; the action check.
 - ``policies``: whatever the user passed, called once per step on a batch.
 - ``torchrl_env``, ``env_parts``, ``trajectories``: seeding and info of TorchRL envs,
-  frozen normalization and video dumps, the trajectories ``metrics_fn`` receives.
+  frozen normalization and video dumps, the trajectories ``metrics_fn`` receives;
+  ``env_part_names``: what ``weights_dict`` can load, as plain data a pool can unpickle
+  without torch.
 
 The same code runs in a worker actor and in-process; ``tests/test_layout.py`` imports
 it with Ray blocked.

@@ -5,8 +5,8 @@
   trainer relies on. The trainer's current statistics reach the workers
   through ``weights_dict={"env.transform[0]": vecnorm}`` (see ``weights``).
 * What ``weights_dict`` may load into an env: its ``nn.Module`` parts by model
-  id (``EnvParts``), reported by each worker so that a request is checked at the
-  call, before anything is sent.
+  id (``EnvParts``, plain data in ``env_part_names``), reported by each worker so
+  that a request is checked at the call, before anything is sent.
 * Video transforms (``VideoRecorder``, or any transform with a ``dump``) are
   dumped after each evaluation with its step (``dump_video=True``), by one env
   copy only, so each evaluation logs one video, as with TorchRL's single env.
@@ -21,6 +21,8 @@ from typing import Any
 
 from torch import nn
 from torchrl.envs import Compose, Transform, TransformedEnv
+
+from ray_eval.rollout.env_part_names import EnvParts
 
 
 def transforms(env) -> Iterator[Transform]:
@@ -88,22 +90,9 @@ def discard_videos(env) -> None:
 MAX_PART_DEPTH = 32
 
 
-@dataclass(frozen=True)
-class EnvParts:
-    """What ``weights_dict`` can load into one env: its ``nn.Module`` parts.
-
-    ``parts`` maps each model id (``"env"``, ``"env.transform"``,
-    ``"env.transform[0]"``, ...) to the part's type name and state_dict keys.
-    Envs that are not ``nn.Module``s (gymnasium envs, native vector envs) have none.
-    """
-
-    env_type: str  # the env's type name, for messages
-    loop: str  # the rollout loop that runs it, for messages
-    parts: dict[str, tuple[str, tuple[str, ...]]]
-
-    @classmethod
-    def of(cls, env, loop: str) -> EnvParts:
-        return cls(type(env).__name__, loop, loadable_parts(env))
+def env_parts_of(env, loop: str) -> EnvParts:
+    """The ``EnvParts`` of a live env that the rollout loop ``loop`` runs."""
+    return EnvParts(type(env).__name__, loop, loadable_parts(env))
 
 
 def loadable_parts(env) -> dict[str, tuple[str, tuple[str, ...]]]:
