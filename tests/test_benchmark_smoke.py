@@ -21,7 +21,6 @@ TITLES = (
 )
 ROWS = (
     "ray_eval, 2 workers, gymnasium id",
-    "ray_eval, 2 workers, GymEnv factory",
     "TorchRL Evaluator, thread backend",
     "raw loop, 1 process (SyncVectorEnv x64)",
     "raw loop, 2 processes (x32 each)",  # harness.RawLoopInProcesses, the 2-core ceiling
