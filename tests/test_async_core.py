@@ -427,6 +427,27 @@ def test_in_process_timeout_is_real_and_the_next_evaluation_runs_fresh(ray_local
     assert not wait_no_evaluator_threads(timeout=15)
 
 
+def test_an_abandoned_in_process_thread_stops_at_its_next_step(tmp_path):
+    """Once its hung step returns, a timed-out thread stops: it does not run the rest of
+    its episodes (about 15 s of them here) for a result nobody will read."""
+    hang_seconds = 3.0
+    ev = Evaluator(
+        slow_env(0.05, hang_file=str(tmp_path / "hang"), hang_seconds=hang_seconds),
+        small_policy(),
+        num_workers=0,
+        num_trajectories=16,
+        envs_per_worker=1,
+        timeout=1.0,
+    )
+    started = time.monotonic()
+    with pytest.raises(EvaluationTimeout):
+        ev.evaluate()
+    ev.shutdown()
+    assert not wait_no_evaluator_threads(timeout=30)
+    ended_s = time.monotonic() - started
+    assert ended_s < hang_seconds + 3.0, f"the abandoned thread ended {ended_s:.1f} s in"
+
+
 # -- 9. a worker restarts however long after its start -------------------------------------------
 
 

@@ -7,8 +7,8 @@ touched. Handles are ``concurrent.futures.Future``s.
 
 ``timeout`` is real here too: when an evaluation overruns it, its future fails
 with ``EvaluationTimeout`` at once, and the stuck thread is abandoned (a daemon
-thread, so it never holds up interpreter exit, and it closes its own envs if it
-ever returns); the next evaluation runs on a fresh worker, whose build is not
+thread, so it never holds up interpreter exit; if its stuck call ever returns, it
+stops at its next step and closes its envs); the next evaluation runs on a fresh worker, whose build is not
 counted in that evaluation's timeout (the watchdog starts once the worker is built).
 
 The trainer's process state is left alone (see ``process_state``): a policy
@@ -26,11 +26,11 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
 
 from ray_eval.backends.process_state import LentState, Probe, use_one_torch_thread_here
-from ray_eval.backends.worker import EvalWorker, WorkerConfig
+from ray_eval.backends.worker import ChunkCancelled, EvalWorker, WorkerConfig
 from ray_eval.errors import EvaluationCancelled, EvaluationTimeout
 from ray_eval.planning import Chunk, EvalRequest, EvaluationPlan, RequestOrder
 from ray_eval.results.metrics import EvalResult
@@ -228,6 +228,7 @@ class _Runner:
         weights, env_state = payload
         worker = self.worker
         worker.lent = self.lent
+        worker.settled = future.done
         loads, loaded_bytes = worker.weights_loads, worker.weights_loaded_bytes
         worker.load_weights(weights, identity=("local", request.seq))
         worker.load_env_state(env_state)
@@ -258,7 +259,22 @@ class LocalWorker(EvalWorker):
     def __init__(self, config: WorkerConfig, policy, *, probe: bool) -> None:
         self._probe = probe
         self.lent: LentState | None = None
+        self.settled: Callable[[], bool] = _never  # has the running request an outcome?
         super().__init__(config, policy)
+        for rollout in self.rollouts.values():
+            rollout._act = self._stoppable(rollout._act)
+
+    def _stoppable(self, act):
+        """``act``, stopping the chunk between two steps once its request has an outcome
+        (timed out, or cancelled at shutdown): an abandoned thread whose hung step
+        returns ends there, instead of running episodes nobody will read."""
+
+        def act_unless_settled(obs):
+            if self.settled():
+                raise ChunkCancelled("the evaluation ended (timed out or cancelled)")
+            return act(obs)
+
+        return act_unless_settled
 
     def _probing(self):
         return super()._probing() if self._probe else contextlib.nullcontext(Probe())
@@ -267,6 +283,10 @@ class LocalWorker(EvalWorker):
         if self.lent is not None:
             self.lent.seed(int(chunk.seeds[0]))
         return contextlib.nullcontext()
+
+
+def _never() -> bool:
+    return False
 
 
 def _copy_or_same(policy):
