@@ -33,15 +33,17 @@ import concurrent.futures
 import functools
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -55,7 +57,7 @@ from ray.util.state import list_actors
 
 from ray_eval import EnvError, EvaluationTimeout, Evaluator, WorkerDiedError
 from ray_eval.errors import EvaluatorBusyError, WorkerStartupError
-from tests.checks import evaluator_threads, small_policy, wait_no_evaluator_threads, wait_until_gone
+from tests.checks import small_policy, wait_no_evaluator_threads, wait_until_gone
 from tests.envs import SeedLengthEnv
 
 TIMEOUT = 5.0  # the evaluators' timeout
@@ -65,12 +67,17 @@ PLAN = {"num_trajectories": 4, "envs_per_worker": 2, "seed": 11}
 # What a delivered error may be, each from one injected fault.
 FAULT_ERRORS = (EnvError, EvaluationTimeout, WorkerDiedError, WorkerStartupError, TypeError)
 
+# No shrinking: a failing example can leave a hung thread or a worker behind, which
+# every shorter example tried after it would then trip over. The first failure, as it
+# was drawn (every step printed), is the one to read.
+NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]
 settings.register_profile(
     "ci",
     max_examples=3,
     stateful_step_count=8,
     deadline=None,
     database=None,
+    phases=NO_SHRINK,
     suppress_health_check=list(HealthCheck),
 )
 settings.register_profile(
@@ -79,6 +86,7 @@ settings.register_profile(
     stateful_step_count=25,
     deadline=None,
     database=None,
+    phases=NO_SHRINK,
     suppress_health_check=list(HealthCheck),
 )
 LONG = os.environ.get("RAY_EVAL_HYPOTHESIS") == "long" or (
@@ -91,6 +99,16 @@ LONG_EXAMPLES = {"local": 20, "ray": 4}  # per run, in the long mode
 CI = {"local": (8, 15), "ray": (2, 12)}
 
 STATS: collections.Counter = collections.Counter()
+
+
+def thread_stacks(threads) -> str:
+    """Where each of ``threads`` is: what a failure must show to be diagnosed."""
+    frames = sys._current_frames()
+    return "\n".join(
+        f"{t.name}:\n" + "".join(traceback.format_stack(frames[t.ident]))
+        for t in threads
+        if t.ident in frames
+    )
 
 
 def metrics_fn(episodes, junk_file: str):
@@ -483,7 +501,8 @@ class Lifecycle(RuleBasedStateMachine):
             _, left = ray.wait(refs, num_returns=len(refs), timeout=30, fetch_local=False)
             assert not left, f"{len(left)} handles still pending 30 s after shutdown"
         # No thread of ours (an abandoned hung step ends within HANG_SECONDS) ...
-        assert not wait_no_evaluator_threads(HANG_SECONDS + SLACK), evaluator_threads()
+        left_threads = wait_no_evaluator_threads(HANG_SECONDS + SLACK)
+        assert not left_threads, thread_stacks(left_threads)
         # ... and no actor of ours (in-process there is none, and no Ray to ask).
         if self.backend == "ray":
             left = wait_until_gone(set(self.ev.actor_ids) | self.actor_ids, timeout=60)
