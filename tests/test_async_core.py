@@ -27,7 +27,7 @@ from torch import nn
 from ray_eval import EvaluationTimeout, Evaluator
 from tests.checks import live_actor_ids, small_policy, wait_no_evaluator_threads
 from tests.envs import SeedLengthEnv
-from tests.procs import ROOT, end_session, start
+from tests.procs import ROOT, end_session, env_for_subprocess, start
 
 
 def slow_env(step_sleep: float, **faults):
@@ -57,7 +57,8 @@ SCRIPTS = {
     "raises": """
 def main():
     ev = Evaluator(SeedLengthEnv, policy(), num_workers=2, num_trajectories=4)
-    print("evaluated", ev.evaluate()["eval/num_episodes"], flush=True)
+    nice = {os.getpriority(os.PRIO_PROCESS, w.pid) for w in ev._backend.workers}
+    print("evaluated", ev.evaluate()["eval/num_episodes"], "nice", nice, flush=True)
     raise ValueError("the user's own bug")
 
 if __name__ == "__main__":
@@ -119,9 +120,13 @@ EXIT_BOUND_S = 120
 def test_a_script_that_dies_with_a_live_evaluator_exits_with_its_own_error(shape, tmp_path):
     script = tmp_path / f"{shape}.py"
     script.write_text(SCRIPT_PREAMBLE.format(root=str(ROOT)) + SCRIPTS[shape])
+    env = env_for_subprocess()
+    if shape == "raises":  # the evaluator starts Ray: its default niceness is checked
+        env.pop("RAY_worker_niceness", None)
     proc = start(
         [sys.executable, str(script)],
         cwd=tmp_path,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -131,6 +136,8 @@ def test_a_script_that_dies_with_a_live_evaluator_exits_with_its_own_error(shape
         assert first_line.split()[0] in ("evaluated", "triggered", "training", "stuck"), (
             first_line + proc.stderr.read()
         )
+        if shape == "raises":  # the local Ray the evaluator started runs workers at nice 0
+            assert first_line.split("nice")[1].strip() == "{0}", first_line
         if shape == "interrupted":
             time.sleep(1.0)
             os.kill(proc.pid, signal.SIGINT)
