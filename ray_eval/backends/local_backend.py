@@ -8,8 +8,9 @@ touched. Handles are ``concurrent.futures.Future``s.
 ``timeout`` is real here too: when an evaluation overruns it, its future fails
 with ``EvaluationTimeout`` at once, and the stuck thread is abandoned (a daemon
 thread, so it never holds up interpreter exit; if its stuck call ever returns, it
-stops at its next step and closes its envs); the next evaluation runs on a fresh worker, whose build is not
-counted in that evaluation's timeout (the watchdog starts once the worker is built).
+stops at its next step and closes its envs); the next evaluation runs on a fresh
+worker, whose build is not counted in that evaluation's timeout (the watchdog
+starts once the worker is built).
 
 The trainer's process state is left alone (see ``process_state``): a policy
 that uses neither torch's global generator nor TorchRL's exploration type runs
