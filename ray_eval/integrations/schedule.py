@@ -115,16 +115,20 @@ class EvalSchedule:
         self, step: int, weights: Any = None, *, weights_dict: Mapping[str, Any] | None = None
     ) -> list[Delivered]:
         """Start an evaluation of ``weights`` at ``step`` now (``when_busy`` applies).
-        Returns the results it had to wait for."""
+        Returns the results handled first: those that had arrived, and under ``"wait"``
+        those it waited for (whether an evaluation is still running or has just
+        finished makes no difference to what a trainer sees)."""
         self.current_step = max(self.current_step, int(step))
-        delivered: list[Delivered] = []
         if self.should_stop:  # training is to stop: nothing more to evaluate
+            return []
+        delivered = self.collect()
+        if self.should_stop:  # decided on what had arrived: no evaluation after it
             return delivered
         if self.evaluator.pending:
             if self.when_busy == "skip":
                 self.skipped += 1
                 return delivered
-            delivered = self.drain()
+            delivered += self.drain()
         if self.should_stop:  # decided on what was pending: no evaluation after it
             return delivered
         snapshot = states_of(weights, weights_dict) if self.keep_best is not None else None
