@@ -157,18 +157,22 @@ def test_weights_are_put_once_and_shared_by_every_worker(pendulum_pool):
     assert first.episodes.weights_ids[0] != second.episodes.weights_ids[0]  # one put per evaluation
 
 
-def test_the_pool_actor_routes_without_importing_torch(pendulum_pool):
-    """The pool actor only plans and routes: what the workers report (their env parts
-    included) unpickles without torch, whose import is seconds of every start-up."""
+def test_the_pool_actor_imports_no_torch_and_gymnasium_workers_no_torchrl(pendulum_pool):
+    """Imports are seconds of every start-up. The pool actor only plans and routes: what
+    the workers report (their env parts included) unpickles without torch. A worker that
+    evaluates a gymnasium env with a TensorDict policy needs torch and tensordict but
+    not TorchRL (about 1 s)."""
     pendulum_pool.evaluate(weights=pendulum_policy(), step=1)
     heavy = ("torch", "tensordict", "torchrl")
-    imported = ray.get(
-        pendulum_pool._backend._pool.__ray_call__.remote(
-            lambda _: [name for name in heavy if name in sys.modules]
-        ),
-        timeout=60,
-    )
-    assert imported == []
+    pool = pendulum_pool._backend._pool
+
+    def imported(_) -> list[str]:
+        return [name for name in heavy if name in sys.modules]
+
+    assert ray.get(pool.__ray_call__.remote(imported), timeout=60) == []
+    workers = ray.get(pool.__ray_call__.remote(lambda pool: pool._workers), timeout=60)
+    on_workers = ray.get([w.__ray_call__.remote(imported) for w in workers], timeout=60)
+    assert on_workers == [["torch", "tensordict"]] * len(workers)
 
 
 def test_trigger_eval_returns_an_object_ref_usable_with_ray_get_and_wait(pendulum_pool):

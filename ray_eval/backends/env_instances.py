@@ -22,18 +22,24 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import ray
-from torchrl.envs import EnvBase, TransformedEnv
-from torchrl.envs.batched_envs import BatchedEnvBase
 
 from ray_eval.backends.pickling import register_user_modules, unpicklable_parts
+from ray_eval.rollout.torchrl_env import is_torchrl_env
+
+if TYPE_CHECKING:
+    from torchrl.envs import EnvBase
+    from torchrl.envs.batched_envs import BatchedEnvBase
+
+# TorchRL is imported where a TorchRL env is at hand: the workers unpickle this module's
+# env copies, and one evaluating a gymnasium env need not import TorchRL (see torchrl_env).
 
 
 def is_env_instance(obj: Any) -> bool:
-    return isinstance(obj, gym.Env | EnvBase)
+    return isinstance(obj, gym.Env) or is_torchrl_env(obj)
 
 
 def instance_factory(env: gym.Env | EnvBase) -> Callable[[], Any]:
@@ -44,7 +50,9 @@ def instance_factory(env: gym.Env | EnvBase) -> Callable[[], Any]:
     batched env that is not a ``SerialEnv``/``ParallelEnv``.
     """
     kind = type(env).__name__
-    if isinstance(env, EnvBase):
+    if is_torchrl_env(env):
+        from torchrl.envs.batched_envs import BatchedEnvBase
+
         transforms, base = _peel_transforms(env)
         if isinstance(base, BatchedEnvBase):
             recipe = _sub_env_recipe(base, transforms, kind)
@@ -73,6 +81,8 @@ class SubEnv:
     transforms: list = field(default_factory=list)
 
     def __call__(self) -> EnvBase:
+        from torchrl.envs import TransformedEnv
+
         env = self.create_env_fn(**self.create_env_kwargs)
         for transform in self.transforms:
             if isinstance(env, TransformedEnv):  # what TorchRL would unwrap to, without its warning
@@ -107,6 +117,8 @@ class EnvCopy:
 
 def _peel_transforms(env: EnvBase) -> tuple[list, EnvBase]:
     """(clones of the transforms, innermost first; the innermost base env)."""
+    from torchrl.envs import TransformedEnv
+
     transforms = []
     while isinstance(env, TransformedEnv):
         # A clone is detached from its env: pickling the transform itself would

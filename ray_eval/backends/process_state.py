@@ -27,7 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+# TorchRL's ExplorationType and set_exploration_type are these, tensordict's: named so
+# here, a worker that evaluates a gymnasium env does not import TorchRL (about 1 s).
+from tensordict.nn import InteractionType as ExplorationType
+from tensordict.nn import set_interaction_type as set_exploration_type
 
 
 @dataclass

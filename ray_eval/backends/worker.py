@@ -103,7 +103,7 @@ class EvalWorker:
 
     def _build(self, config: WorkerConfig, policy) -> None:
         import torch
-        from torchrl.envs.utils import ExplorationType
+        from tensordict.nn import InteractionType as ExplorationType  # TorchRL's, the same
 
         from ray_eval.results.video import check_renders
         from ray_eval.rollout.adapters import build_env, check_action, make_rollout

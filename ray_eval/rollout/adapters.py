@@ -14,13 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 from tensordict import TensorDictBase
-from torchrl.envs import EnvBase, GymEnv, GymWrapper
 
 from ray_eval.errors import ActionMismatchError
 from ray_eval.rollout.batched_loop import BatchedRollout, check_batch, is_batched_env
@@ -32,6 +31,7 @@ from ray_eval.rollout.policies import (
     parameter_dtype,
     tensordict_to_action,
 )
+from ray_eval.rollout.torchrl_env import is_torchrl_env, torchrl_loaded
 from ray_eval.rollout.vector_loop import VectorRollout
 from ray_eval.rollout.vector_sources import (
     VectorEnvSpaces,
@@ -40,6 +40,9 @@ from ray_eval.rollout.vector_sources import (
     is_vector_env,
     takes,
 )
+
+if TYPE_CHECKING:
+    from torchrl.envs import EnvBase
 
 
 def build_env(factory: Callable[[], Any]):
@@ -58,7 +61,7 @@ def build_env(factory: Callable[[], Any]):
             f"'envpool:<task id>' or 'vector:<gymnasium id>'; each worker builds one vector "
             f"env of envs_per_worker slots"
         )
-    if not isinstance(env, gym.Env | EnvBase):
+    if not (isinstance(env, gym.Env) or is_torchrl_env(env)):
         raise TypeError(
             f"env factory {callable_name(factory)} returned {type(env).__name__}, "
             f"expected a gymnasium.Env or a torchrl EnvBase"
@@ -69,6 +72,10 @@ def build_env(factory: Callable[[], Any]):
 def unwrap_bare_gym_env(env) -> gym.Env | None:
     """The gymnasium env inside a TorchRL ``GymEnv``/``GymWrapper`` that adds nothing
     but the wrapper."""
+    if not torchrl_loaded():
+        return None
+    from torchrl.envs import GymEnv, GymWrapper
+
     if type(env) not in (GymEnv, GymWrapper):
         return None
     if getattr(env, "from_pixels", False) or getattr(env, "frame_skip", 1) != 1:
@@ -250,7 +257,7 @@ def make_rollout(
         pass
     elif isinstance(first_env, gym.Env) and _has_array_observations(first_env):
         gym_env = first_env
-    elif fast_path and isinstance(first_env, EnvBase):
+    elif fast_path and is_torchrl_env(first_env):
         gym_env = unwrap_bare_gym_env(first_env)
         if gym_env is not None:
             make_gym_env = _UnwrappedGymFactory(factory)
@@ -276,6 +283,8 @@ def make_rollout(
         )
 
     if isinstance(first_env, gym.Env):  # dict/discrete observations: let TorchRL map them
+        from torchrl.envs import GymWrapper
+
         first_env = GymWrapper(first_env)
         factory = _WrappedGymFactory(factory)
     obs_keys = list(first_env.observation_spec.keys(True, True))
@@ -399,6 +408,8 @@ class _WrappedGymFactory:
     factory: Callable[[], Any]
 
     def __call__(self):
+        from torchrl.envs import GymWrapper
+
         return GymWrapper(self.factory())
 
 

@@ -36,23 +36,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tensordict import TensorDictBase
-from torchrl.envs import EnvBase
 
 from ray_eval.results.episodes import SUCCESS_KEY, EpisodeBatch
 from ray_eval.rollout.chunk import Chunk
 from ray_eval.rollout.env_keys import EnvKeys
 from ray_eval.rollout.loops import _close_quietly, _EpisodeLog
-from ray_eval.rollout.torchrl_env import seeded_reset
+from ray_eval.rollout.torchrl_env import is_torchrl_env, seeded_reset
 from ray_eval.rollout.vector_loop import chunk_seed, first_open, record_ended, slot_quotas
+
+if TYPE_CHECKING:
+    from torchrl.envs import EnvBase
 
 
 def is_batched_env(env) -> bool:
     """A TorchRL env whose batch has more than one element (``batch_size=[N]``, N > 1)."""
-    return isinstance(env, EnvBase) and env.batch_size.numel() > 1
+    return is_torchrl_env(env) and env.batch_size.numel() > 1
 
 
 def check_batch(env, name: str) -> int:

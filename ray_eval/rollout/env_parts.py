@@ -17,22 +17,32 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
-from torchrl.envs import Compose, Transform, TransformedEnv
 
 from ray_eval.rollout.env_part_names import EnvParts
+from ray_eval.rollout.torchrl_env import torchrl_loaded
+
+if TYPE_CHECKING:
+    from torchrl.envs import Transform
 
 
 def transforms(env) -> Iterator[Transform]:
-    """Every transform of ``env``, nested ``Compose`` and ``TransformedEnv`` included."""
+    """Every transform of ``env``, nested ``Compose`` and ``TransformedEnv`` included
+    (none without importing TorchRL if it is not loaded: see torchrl_env)."""
+    if not torchrl_loaded():
+        return
+    from torchrl.envs import TransformedEnv
+
     while isinstance(env, TransformedEnv):
         yield from _flatten(env.transform)
         env = env.base_env
 
 
 def _flatten(transform) -> Iterator[Transform]:
+    from torchrl.envs import Compose
+
     if isinstance(transform, Compose):
         for child in transform.transforms:
             yield from _flatten(child)
@@ -68,6 +78,10 @@ class FrozenNormalization:
 
 def video_dumpers(env) -> list[Transform]:
     """The transforms of ``env`` whose own ``dump`` does something (``Transform.dump`` does not)."""
+    if not torchrl_loaded():
+        return []
+    from torchrl.envs import Transform
+
     return [
         t for t in transforms(env) if getattr(type(t), "dump", Transform.dump) is not Transform.dump
     ]
@@ -116,10 +130,18 @@ def loadable_parts(env) -> dict[str, tuple[str, tuple[str, ...]]]:
             public = child_name.lstrip("_")
             if public != child_name and _is_property_for(module, public, child):
                 stack.append((f"{name}.{public}", child, depth + 1))
-        if isinstance(module, Compose | nn.ModuleList | nn.Sequential):
+        if isinstance(module, nn.ModuleList | nn.Sequential) or _is_compose(module):
             for index in range(len(module)):
                 stack.append((f"{name}[{index}]", module[index], depth + 1))
     return found
+
+
+def _is_compose(module: nn.Module) -> bool:
+    if not torchrl_loaded():
+        return False
+    from torchrl.envs import Compose
+
+    return isinstance(module, Compose)
 
 
 def _is_property_for(module: nn.Module, name: str, child: nn.Module) -> bool:

@@ -23,7 +23,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule, TensorDictModuleBase
 from torch import nn
-from torchrl.collectors import RandomPolicy
+
+from ray_eval.rollout.torchrl_env import torchrl_loaded
 
 TensorPolicy = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,7 +33,16 @@ ACTION_KEY = "action"
 
 
 def is_tensordict_policy(policy) -> bool:
-    return isinstance(policy, TensorDictModuleBase | RandomPolicy)
+    return isinstance(policy, TensorDictModuleBase) or _is_random_policy(policy)
+
+
+def _is_random_policy(policy) -> bool:
+    """TorchRL's ``RandomPolicy`` (checked without importing TorchRL: see torchrl_env)."""
+    if not torchrl_loaded():
+        return False
+    from torchrl.collectors import RandomPolicy
+
+    return isinstance(policy, RandomPolicy)
 
 
 def build_policy(policy, policy_factory, env):
@@ -79,7 +89,7 @@ def observation_to_action(policy) -> TensorPolicy:
     """A function from an observation batch to an action batch, for gymnasium envs."""
     if type(policy) is TensorDictModule and _maps_observation_to_action(policy):
         return policy.module
-    if isinstance(policy, RandomPolicy):
+    if _is_random_policy(policy):
         spec = policy.action_spec
         return lambda obs: spec.rand(obs.shape[:1]).to(obs.device)
     if is_tensordict_policy(policy):
@@ -102,7 +112,7 @@ def tensordict_to_action(
     policy, action_key, observation_key
 ) -> Callable[[TensorDictBase], torch.Tensor]:
     """A function from a batch TensorDict of observations to an action batch, for TorchRL envs."""
-    if isinstance(policy, RandomPolicy):
+    if _is_random_policy(policy):
         spec = policy.action_spec
         return lambda td: spec.rand(td.batch_size)
     if is_tensordict_policy(policy):

@@ -13,25 +13,50 @@ Info. TorchRL's gymnasium wrappers drop ``info`` unless an info-dict reader is
 set. ``attach_info_tap`` adds a reader that writes nothing and keeps the last
 ``info`` dict, so the loop reads ``is_success`` and ``info_keys`` from it as
 the gymnasium loop does (keys in the step TensorDict take precedence).
+
+TorchRL is imported only where a TorchRL object is at hand: ``is_torchrl_env``
+answers False without importing it, so a worker that evaluates a gymnasium env
+never pays TorchRL's import (about 1 s of its start-up).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tensordict import TensorDictBase
-from torchrl.envs import EnvBase, GymWrapper, TransformedEnv
-from torchrl.envs.gym_like import GymLikeEnv
+
+if TYPE_CHECKING:
+    from torchrl.envs import EnvBase
 
 log = logging.getLogger("ray_eval")
 
-SeededReset = Callable[[EnvBase, int], TensorDictBase]
+SeededReset = Callable[["EnvBase", int], TensorDictBase]
+
+
+def torchrl_loaded() -> bool:
+    """Whether this process has imported TorchRL's envs. A TorchRL env, transform or
+    policy cannot exist before that (their classes live there), so an object can be
+    checked against TorchRL's classes without importing them."""
+    return "torchrl.envs" in sys.modules
+
+
+def is_torchrl_env(env) -> bool:
+    """Whether ``env`` is a TorchRL ``EnvBase`` (without importing TorchRL)."""
+    if not torchrl_loaded():
+        return False
+    from torchrl.envs import EnvBase
+
+    return isinstance(env, EnvBase)
 
 
 def base_env(env: EnvBase) -> EnvBase:
     """The env under all ``TransformedEnv`` layers."""
+    from torchrl.envs import TransformedEnv
+
     while isinstance(env, TransformedEnv):
         env = env.base_env
     return env
@@ -44,6 +69,8 @@ def reset_takes_seed(env: EnvBase) -> bool:
     ``reset``) and for envs whose ``_reset`` has a ``seed`` parameter. A
     ``_reset(tensordict, **kwargs)`` that does not name it would silently ignore it.
     """
+    from torchrl.envs import GymWrapper
+
     base = base_env(env)
     if isinstance(base, GymWrapper):
         return True
@@ -99,6 +126,8 @@ class InfoTap:
 
 def attach_info_tap(env: EnvBase) -> InfoTap | None:
     """An ``InfoTap`` on ``env``'s gymnasium-like base env (``None`` for other envs)."""
+    from torchrl.envs.gym_like import GymLikeEnv
+
     base = base_env(env)
     if not isinstance(base, GymLikeEnv):
         return None
