@@ -83,6 +83,7 @@ def main() -> None:
         num_workers=args.workers,
         num_trajectories=args.episodes,
         startup_timeout=300,  # a busy machine starts workers slowly: wait rather than fail
+        wait_for_workers=False,  # they start while the first batches train
     )
     hook = RayEvalHook(
         evaluator,

@@ -69,6 +69,7 @@ class Evaluator:
         placement: str | None = None,
         timeout: float | None = None,
         startup_timeout: float = 60.0,
+        wait_for_workers: bool = True,
         device: str | None = None,
         info_keys: tuple[str, ...] = (),
         metrics_fn: Callable[[EpisodeData], dict] | None = None,
@@ -105,15 +106,26 @@ class Evaluator:
         self._seq = 0
         self._closed = False
         self._backend = start_backend(args, factories, worker_config, plan, use_ray=use_ray)
-        self.num_workers = len(self._backend.workers) if use_ray else 0
-        self._param_spec = self._backend.workers[0].param_spec
-        self._env_parts = self._backend.workers[0].env_parts
+        self._use_ray = use_ray
+        if wait_for_workers:
+            self._check_started()  # start-up errors are raised here, by the constructor
         # Env parts' states from weights_dict persist until given again; every request
         # carries them all, so that any worker computes its numbers from the request alone.
         self._env_state: dict | None = None
         publish = Publisher.from_args(args)
         self._delivery = Delivery(self._backend, publish, max_unread=max_unread_results)
         ray_session.close_at_exit(self)
+
+    @property
+    def num_workers(self) -> int:
+        """The number of Ray workers (0 in-process); waits for the workers to start."""
+        return len(self._backend.workers) if self._use_ray else 0
+
+    def _check_started(self) -> None:
+        """Wait for the workers to start (at once if they have), raising what stopped them."""
+        if not hasattr(self, "_param_spec"):
+            first = self._backend.workers[0]
+            self._param_spec, self._env_parts = first.param_spec, first.env_parts
 
     # -- requests ------------------------------------------------------------------
 
@@ -168,6 +180,7 @@ class Evaluator:
                 raise EvaluatorBusyError(BUSY_MESSAGE)
             if self._delivery.busy and self._busy_policy == "skip" and not sync:
                 return None
+            self._check_started()
             copy = isinstance(self._backend, LocalBackend)
             payload, env_update = payloads(
                 weights, weights_dict, self._param_spec, self._env_parts, copy=copy

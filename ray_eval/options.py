@@ -87,6 +87,8 @@ def check_arguments(a: dict[str, Any]) -> None:
         check_callable(name, a[name])
     check_seconds("timeout", a["timeout"])
     check_seconds("startup_timeout", a["startup_timeout"])
+    if not isinstance(a["wait_for_workers"], bool):
+        raise TypeError(f"wait_for_workers must be True or False, got {a['wait_for_workers']!r}")
     for name in ("num_cpus_per_worker", "num_gpus_per_worker"):
         if not isinstance(a[name], numbers.Real) or a[name] < 0:
             raise ValueError(f"{name} must be a number >= 0, got {a[name]!r}")

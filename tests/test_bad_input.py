@@ -186,6 +186,16 @@ def test_env_factory_that_raises_or_returns_a_non_env(nothing_left, num_workers)
     if num_workers == 0:
         with pytest.raises(TypeError, match=r"factory .*<lambda> returned int"):
             construct(lambda: 42, small_policy(), **kwargs)
+    else:
+        # Started in the background, the constructor returns; the first call that needs
+        # the workers raises the same error, and so does every later one.
+        evaluator = Evaluator(failing_factory, small_policy(), wait_for_workers=False, **kwargs)
+        try:
+            for call in (evaluator.evaluate, evaluator.trigger_eval, lambda: evaluator.workers):
+                with pytest.raises(WorkerStartupError, match="no ROM at /roms/pong.bin"):
+                    call()
+        finally:
+            evaluator.shutdown()
 
 
 def test_env_factory_that_kills_its_process(nothing_left):

@@ -1,15 +1,17 @@
 """Evaluations on a Ray worker pool: the one ``ray.put`` of the weights happens here.
 
-``RayBackend`` starts a ``WorkerPool`` actor on the driver's node (which starts
-the workers) and turns each request into a ``WorkerPool.evaluate`` call, whose
-``ObjectRef`` is the handle ``trigger_eval`` returns. Every call checks that
-Ray is still up first: a Ray call after ``ray.shutdown()`` would start a new
-Ray instance, which at interpreter exit means a process that never ends.
+``RayBackend`` starts a ``WorkerPool`` actor on the driver's node, which starts
+the workers in the background; reading ``workers`` waits for them. Each request
+becomes a ``WorkerPool.evaluate`` call, whose ``ObjectRef`` is the handle
+``trigger_eval`` returns. Every call checks that Ray is still up first: a Ray
+call after ``ray.shutdown()`` would start a new Ray instance, which at
+interpreter exit means a process that never ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Sequence
 
@@ -83,19 +85,44 @@ class RayBackend:
         self._worker_ids: list[str] = []
         # The pool bounds the workers' start by startup_timeout; this bounds the
         # pool's own start (a zero-CPU actor, so only a broken cluster delays it).
-        bound = config.startup_timeout + 60
+        self._start = (config.startup_timeout + 60, autoscaler, request)
+        self._started = self._pool.start.remote(str(autoscaler) if autoscaler else None)
+        self._workers: list[WorkerInfo] | None = None
+        self._start_error: BaseException | None = None
+        self._start_lock = threading.Lock()
+
+    @property
+    def workers(self) -> list[WorkerInfo]:
+        """What each worker reported at start-up. The first call waits for the start
+        (up to ``startup_timeout``) and raises what stopped it, as does every later one."""
+        with self._start_lock:
+            if self._workers is None and self._start_error is None:
+                self._await_start()
+            if self._start_error is not None:
+                raise self._start_error
+            return self._workers
+
+    def _await_start(self) -> None:
+        bound, autoscaler, request = self._start
         try:
-            started = self._pool.start.remote(str(autoscaler) if autoscaler else None)
-            self.workers: list[WorkerInfo] = _await_start(started, bound, autoscaler, request)
+            workers = _await_start(self._started, bound, autoscaler, request)
             self._worker_ids = ray.get(self._pool.actor_ids.remote(), timeout=60)
+            self._workers = workers
+            return
         except GetTimeoutError:
-            self.shutdown(timeout=5)
-            raise ResourceUnavailableError(
+            error = ResourceUnavailableError(
                 f"the evaluator's pool actor did not start within {bound:g} s"
-            ) from None
-        except BaseException as error:
-            self.shutdown(timeout=5)
-            raise remote_cause(error) from None
+            )
+        except BaseException as cause:
+            error = remote_cause(cause)
+        self.shutdown(timeout=5)
+        # A Ctrl-C stops this start, not the next call: that one says the workers are gone.
+        self._start_error = (
+            error
+            if isinstance(error, Exception)
+            else RuntimeError("the evaluator's workers did not start: interrupted")
+        )
+        raise error from None
 
     @property
     def actor_ids(self) -> list[str]:

@@ -29,9 +29,10 @@ the ``eval/mean_reward`` log). What changes:
   95% interval instead of the mean; ``best_mean_reward`` then holds that bound,
   so SB3's ``StopTrainingOnRewardThreshold`` stops on it.
 
-The workers start at the first evaluation of each ``learn()`` (waiting up to 300 s
-for them: ``evaluator_kwargs={"startup_timeout": ...}``) and stop at its end, where
-the evaluations still running are waited for and handled (also under an
+The workers start in the background when each ``learn()`` starts, while the first
+``eval_freq`` steps train; the first evaluation waits for the rest of their start (up to
+300 s: ``evaluator_kwargs={"startup_timeout": ...}``). They stop at the end of
+``learn()``, where the evaluations still running are waited for and handled (also under an
 ``EventCallback`` such as ``EveryNTimesteps``, which SB3 does not pass the end to).
 
 Not supported: ``render=True`` (the workers have no screen), eval envs other
@@ -130,7 +131,9 @@ class EvalCallback(SB3EvalCallback):
         self.best_result: dict | None = None  # the result of the best model
         self.last_result = None  # the latest EvalResult
         self.results: list = []  # every EvalResult handled, in order (episodes included)
-        self.startup_seconds = 0.0  # spent starting the workers (each learn() starts them)
+        # what training waited for the workers to start (each learn() starts them)
+        self.startup_seconds = 0.0
+        self._workers_up = False
         self._kept: dict[int, tuple[dict, bytes | None]] = {}  # step -> what it evaluated
 
     # -- lifecycle -------------------------------------------------------------------
@@ -151,6 +154,11 @@ class EvalCallback(SB3EvalCallback):
             parent._on_training_end = _on_training_end
             parent._ray_eval_chained = True
 
+    def _on_training_start(self) -> None:
+        super()._on_training_start()
+        if self.eval_freq > 0 and self.evaluator is None:
+            self._start_evaluator()  # returns at once: the workers start while training goes on
+
     def _start_evaluator(self) -> None:
         from ray_eval.evaluator import Evaluator
 
@@ -165,15 +173,27 @@ class EvalCallback(SB3EvalCallback):
             # a training run would rather wait for workers slow to start on a busy machine
             # than stop with an error (placements that cannot fit still fail at once)
             "startup_timeout": 300.0,
+            "wait_for_workers": False,  # waited for at the first evaluation (_await_workers)
             **self.evaluator_kwargs,
         }
         started = time.perf_counter()
         actor = worker_actor(self.model.policy, self._parts, self.deterministic)
         self.evaluator = Evaluator(self._parts.env, actor, **kwargs)
+        self._workers_up = False
         self.startup_seconds += time.perf_counter() - started
         self.schedule = EvalSchedule(
             self.evaluator, max(self.eval_freq, 1), when_busy=self.when_busy
         )
+
+    def _await_workers(self) -> None:
+        """Wait for the rest of the workers' start; raises what stopped it."""
+        if not self._workers_up:
+            started = time.perf_counter()
+            try:
+                self.evaluator.num_workers  # noqa: B018 (waits for the start)
+            finally:
+                self.startup_seconds += time.perf_counter() - started
+            self._workers_up = True
 
     def _on_training_end(self) -> None:
         """Handle the evaluations still running, then stop the workers (a next ``learn``
@@ -200,8 +220,9 @@ class EvalCallback(SB3EvalCallback):
         delivered = []
         if continue_training and self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
             self._sync_normalization()
-            if self.evaluator is None:  # started at the first evaluation of each learn()
+            if self.evaluator is None:  # on_training_start was not called
                 self._start_evaluator()
+            self._await_workers()
             if self.warn and not self._monitor_wrapped():
                 warnings.warn(MONITOR_WARNING, UserWarning, stacklevel=2)
             delivered = self._evaluate_now() if not self.async_eval else self._trigger()
