@@ -192,7 +192,7 @@ def test_env_factory_that_raises_or_returns_a_non_env(nothing_left, num_workers)
         evaluator = Evaluator(failing_factory, small_policy(), wait_for_workers=False, **kwargs)
         try:
             for call in (evaluator.evaluate, evaluator.trigger_eval, lambda: evaluator.workers):
-                with pytest.raises(WorkerStartupError, match="no ROM at /roms/pong.bin"):
+                with pytest.raises(WorkerStartupError, match=re.escape("no ROM at /roms/pong.bin")):
                     call()
         finally:
             evaluator.shutdown()
