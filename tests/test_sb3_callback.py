@@ -13,6 +13,7 @@ import pytest
 from stable_baselines3 import DQN, PPO, SAC
 from stable_baselines3.common.callbacks import (
     BaseCallback,
+    CallbackList,
     EveryNTimesteps,
     StopTrainingOnRewardThreshold,
 )
@@ -46,6 +47,22 @@ def _sb3_returns(model, env_factory, seeds, vec_normalize_path=None) -> list[flo
     return returns
 
 
+class WorkersAtFirstStep(BaseCallback):
+    """Records, at training's first step, whether ``eval_callback`` has its evaluator
+    (its workers requested) and how many evaluations it has handled."""
+
+    def __init__(self, eval_callback: EvalCallback) -> None:
+        super().__init__()
+        self.eval_callback, self.seen = eval_callback, []
+
+    def _on_step(self) -> bool:
+        if not self.seen:
+            self.seen.append(
+                (self.eval_callback.evaluator is not None, len(self.eval_callback.results))
+            )
+        return True
+
+
 @pytest.mark.parametrize(
     "algo, env_id, kwargs, num_workers",
     [
@@ -68,7 +85,10 @@ def test_best_model_gives_evaluate_policys_numbers(
         verbose=0,
         num_workers=num_workers,
     )
-    model.learn(3 * EVAL_FREQ, callback=callback)
+    starting = WorkersAtFirstStep(callback)
+    model.learn(3 * EVAL_FREQ, callback=CallbackList([callback, starting]))
+    # the workers were asked for when learn() started, not at the first evaluation
+    assert starting.seen == [(True, 0)]
 
     steps = [EVAL_FREQ, 2 * EVAL_FREQ, 3 * EVAL_FREQ]
     assert (
