@@ -122,14 +122,12 @@ class EvalSchedule:
         if self.should_stop:  # training is to stop: nothing more to evaluate
             return []
         delivered = self.collect()
-        if self.should_stop:  # decided on what had arrived: no evaluation after it
-            return delivered
-        if self.evaluator.pending:
+        if self.evaluator.pending and not self.should_stop:
             if self.when_busy == "skip":
                 self.skipped += 1
                 return delivered
             delivered += self.drain()
-        if self.should_stop:  # decided on what was pending: no evaluation after it
+        if self.should_stop:  # decided on what had arrived or was pending: nothing after it
             return delivered
         snapshot = states_of(weights, weights_dict) if self.keep_best is not None else None
         handle = self.evaluator.trigger_eval(weights, step=int(step), weights_dict=weights_dict)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ray_eval.rollout.env_part_names import EnvParts
-from ray_eval.rollout.torchrl_env import torchrl_loaded
+from ray_eval.rollout.torchrl_env import is_torchrl, torchrl_loaded
 
 if TYPE_CHECKING:
     from torchrl.envs import Transform
@@ -130,18 +130,10 @@ def loadable_parts(env) -> dict[str, tuple[str, tuple[str, ...]]]:
             public = child_name.lstrip("_")
             if public != child_name and _is_property_for(module, public, child):
                 stack.append((f"{name}.{public}", child, depth + 1))
-        if isinstance(module, nn.ModuleList | nn.Sequential) or _is_compose(module):
+        if isinstance(module, nn.ModuleList | nn.Sequential) or is_torchrl(module, "Compose"):
             for index in range(len(module)):
                 stack.append((f"{name}[{index}]", module[index], depth + 1))
     return found
-
-
-def _is_compose(module: nn.Module) -> bool:
-    if not torchrl_loaded():
-        return False
-    from torchrl.envs import Compose
-
-    return isinstance(module, Compose)
 
 
 def _is_property_for(module: nn.Module, name: str, child: nn.Module) -> bool:

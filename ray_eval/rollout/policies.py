@@ -24,7 +24,7 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule, TensorDictModuleBase
 from torch import nn
 
-from ray_eval.rollout.torchrl_env import torchrl_loaded
+from ray_eval.rollout.torchrl_env import is_torchrl
 
 TensorPolicy = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,12 +37,7 @@ def is_tensordict_policy(policy) -> bool:
 
 
 def _is_random_policy(policy) -> bool:
-    """TorchRL's ``RandomPolicy`` (checked without importing TorchRL: see torchrl_env)."""
-    if not torchrl_loaded():
-        return False
-    from torchrl.collectors import RandomPolicy
-
-    return isinstance(policy, RandomPolicy)
+    return is_torchrl(policy, "RandomPolicy", "torchrl.collectors")
 
 
 def build_policy(policy, policy_factory, env):

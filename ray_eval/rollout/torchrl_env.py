@@ -21,6 +21,7 @@ never pays TorchRL's import (about 1 s of its start-up).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import sys
@@ -44,13 +45,15 @@ def torchrl_loaded() -> bool:
     return "torchrl.envs" in sys.modules
 
 
+def is_torchrl(obj, name: str, module: str = "torchrl.envs") -> bool:
+    """``isinstance(obj, module.name)`` for a TorchRL class, without importing TorchRL
+    when it is not loaded (``obj`` cannot be one then)."""
+    return torchrl_loaded() and isinstance(obj, getattr(importlib.import_module(module), name))
+
+
 def is_torchrl_env(env) -> bool:
     """Whether ``env`` is a TorchRL ``EnvBase`` (without importing TorchRL)."""
-    if not torchrl_loaded():
-        return False
-    from torchrl.envs import EnvBase
-
-    return isinstance(env, EnvBase)
+    return is_torchrl(env, "EnvBase")
 
 
 def base_env(env: EnvBase) -> EnvBase:
